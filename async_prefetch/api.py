@@ -1,0 +1,142 @@
+"""The public API: async and sync prefetch entry points."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import anyio
+from asgiref.sync import sync_to_async
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import Model, Prefetch, QuerySet
+from django.db.models import query as django_query
+from django.db.models.query import ModelIterable
+
+from . import bridge
+from .engine import CallerContext, run_prefetch
+from .pools import close_pools
+
+M = TypeVar("M", bound=Model)
+Lookup = str | Prefetch
+
+#: Django's own implementation, captured before ``install()`` can replace it.
+django_prefetch_related_objects = django_query.prefetch_related_objects
+
+_warned_aliases: set[str] = set()
+
+
+class FallbackWarning(RuntimeWarning):
+    """Issued once per database alias that the engine hands back to Django."""
+
+
+def _alias_of(instances: list[Any]) -> str:
+    state = getattr(instances[0], "_state", None)
+    return getattr(state, "db", None) or DEFAULT_DB_ALIAS
+
+
+def _engine_supports(alias: str) -> bool:
+    vendor = connections[alias].vendor
+    if vendor == "postgresql":
+        return True
+    if alias not in _warned_aliases:
+        _warned_aliases.add(alias)
+        warnings.warn(
+            f"async_prefetch: database {alias!r} is {vendor}, not PostgreSQL; falling back to "
+            "Django's own prefetch_related_objects (serial, no pool).",
+            FallbackWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _engine_root(queryset: QuerySet[Any]) -> bool:
+    """True when the engine can fetch the queryset's own rows (plain model rows)."""
+    query = queryset.query
+    return queryset._iterable_class is ModelIterable and not query.select_for_update  # type: ignore[attr-defined]
+
+
+def _split(queryset: QuerySet[M], lookups: tuple[Lookup, ...], using: str | None) -> tuple[QuerySet[M], list[Lookup]]:
+    if using is not None:
+        queryset = queryset.using(using)
+    all_lookups = [*queryset._prefetch_related_lookups, *lookups]  # type: ignore[attr-defined]
+    queryset = queryset._chain()  # type: ignore[attr-defined]
+    queryset._prefetch_related_lookups = ()  # type: ignore[attr-defined]
+    return queryset, all_lookups
+
+
+async def aprefetch(
+    qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None
+) -> list[M]:
+    """Evaluate a queryset (or take instances) and prefetch ``lookups`` concurrently.
+
+    Lookups already on the queryset (``qs.prefetch_related(...)``) run too. ``using``
+    picks the database for the queryset's own rows. Returns the instances with their
+    caches filled exactly as Django's ``prefetch_related`` fills them.
+    """
+    if not isinstance(qs_or_instances, QuerySet):
+        instances = list(qs_or_instances)
+        await aprefetch_related_objects(instances, *lookups)
+        return instances
+    queryset, all_lookups = _split(qs_or_instances, lookups, using)
+    caller = CallerContext.capture()
+    if not _engine_supports(queryset.db) or not _engine_root(queryset):
+        instances = await sync_to_async(list)(queryset)
+        await aprefetch_related_objects(instances, *all_lookups)
+        return instances
+    return await run_prefetch([], all_lookups, caller, root_queryset=queryset)  # type: ignore[return-value]
+
+
+async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup) -> None:
+    """Async ``prefetch_related_objects``: same arguments, same caches, concurrent queries."""
+    instances = instances if isinstance(instances, list) else list(instances)
+    if not instances:
+        return
+    if not _engine_supports(_alias_of(instances)):
+        await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
+        return
+    await run_prefetch(instances, lookups, CallerContext.capture())
+
+
+def prefetch(qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None) -> list[M]:
+    """Synchronous :func:`aprefetch`; the engine runs on its own event-loop thread."""
+    if not isinstance(qs_or_instances, QuerySet):
+        instances = list(qs_or_instances)
+        prefetch_related_objects(instances, *lookups)
+        return instances
+    queryset, all_lookups = _split(qs_or_instances, lookups, using)
+    caller = CallerContext.capture()
+    alias = queryset.db
+    if not _engine_supports(alias) or caller.in_atomic(alias) or not _engine_root(queryset):
+        instances = list(queryset)
+        prefetch_related_objects(instances, *all_lookups)
+        return instances
+    return bridge.run_sync(_run_root, queryset, all_lookups, caller)
+
+
+async def _run_root(queryset: QuerySet[M], lookups: list[Lookup], caller: CallerContext) -> list[M]:
+    return await run_prefetch([], lookups, caller, root_queryset=queryset)  # type: ignore[return-value]
+
+
+def prefetch_related_objects(model_instances: Iterable[Model], *related_lookups: Lookup) -> None:
+    """Drop-in for Django's ``prefetch_related_objects``, run by the engine.
+
+    Inside ``atomic`` on the instances' database it calls Django's own function on
+    the caller's connection (one connection cannot run queries concurrently), so
+    uncommitted rows are seen.
+    """
+    instances = model_instances if isinstance(model_instances, list) else list(model_instances)
+    if not instances:
+        return
+    caller = CallerContext.capture()
+    alias = _alias_of(instances)
+    if not _engine_supports(alias) or caller.in_atomic(alias):
+        django_prefetch_related_objects(instances, *related_lookups)
+        return
+    bridge.run_sync(run_prefetch, instances, related_lookups, caller)
+
+
+async def aclose() -> None:
+    """Close the pools of the running event loop and of the sync API's engine thread."""
+    await close_pools()
+    await anyio.to_thread.run_sync(bridge.on_engine_thread, close_pools)

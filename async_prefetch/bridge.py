@@ -1,0 +1,74 @@
+"""Run the engine from synchronous code on a dedicated event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from django.core.exceptions import SynchronousOnlyOperation
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_portal: BlockingPortal | None = None
+_portal_cm: AbstractContextManager[BlockingPortal] | None = None
+_portal_thread: int | None = None
+
+
+def _get_portal() -> BlockingPortal:
+    global _portal, _portal_cm, _portal_thread
+    with _lock:
+        if _portal is None:
+            _portal_cm = start_blocking_portal(name="async_prefetch")
+            _portal = _portal_cm.__enter__()
+            _portal_thread = _portal.call(threading.get_ident)
+            atexit.register(shutdown)
+        return _portal
+
+
+def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``await func(*args)`` on the engine's loop thread and wait for the result.
+
+    Raises Django's ``SynchronousOnlyOperation`` when called from a thread that runs
+    an event loop (use the async API there), like Django's own ORM.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise SynchronousOnlyOperation(
+            "You cannot call this from an async context - use a thread or sync_to_async."
+        )
+    portal = _get_portal()
+    if threading.get_ident() == _portal_thread:
+        raise RuntimeError("async_prefetch's sync API was called from inside the engine.")
+    return portal.call(func, *args)
+
+
+def shutdown() -> None:
+    """Close the engine thread's pools and stop the thread (registered at exit)."""
+    global _portal, _portal_cm, _portal_thread
+    with _lock:
+        portal, portal_cm = _portal, _portal_cm
+        _portal = _portal_cm = _portal_thread = None
+    if portal is None or portal_cm is None:
+        return
+    from .pools import close_pools
+
+    try:
+        portal.call(close_pools)
+    finally:
+        portal_cm.__exit__(None, None, None)
+
+
+def on_engine_thread(func: Callable[[], Awaitable[T]]) -> T | None:
+    """Run ``func`` on the engine thread if it is running; ``None`` otherwise."""
+    with _lock:
+        portal = _portal
+    return portal.call(func) if portal is not None else None

@@ -1,0 +1,202 @@
+"""Query builders: one per relation kind, each returning an *unevaluated* queryset.
+
+Django's ``get_prefetch_querysets()`` evaluates the queryset for forward one-to-one,
+reverse one-to-one and reverse foreign keys (to set each related object's cache back
+to its parent). The builders here build the same filtered queryset without running
+it and return the reverse-cache write as ``link_back``, which the hydrating task calls
+once the rows are instances. Relation kinds without a native builder (generic
+relations, third-party descriptors) are marked ``delegated``: the engine runs Django's
+own ``get_prefetch_querysets()`` for them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Model, QuerySet
+from django.db.models.expressions import ColPairs
+from django.db.models.fields.related_descriptors import (
+    ForwardManyToOneDescriptor,
+    ForwardOneToOneDescriptor,
+    ManyToManyDescriptor,
+    ReverseManyToOneDescriptor,
+    ReverseOneToOneDescriptor,
+    _filter_prefetch_queryset,
+)
+from django.db.models.fields.tuple_lookups import TupleIn
+
+KeyFunc = Callable[[Model], Hashable]
+
+
+@dataclass(eq=False)
+class RelationQuery:
+    """What ``get_prefetch_querysets()`` returns, with the queryset left unevaluated.
+
+    ``link_back(related_objects)`` writes the related objects' caches back to their
+    parents (what Django's builders do while evaluating); ``additional_lookups`` are
+    the ``prefetch_related()`` lookups found on the queryset, already removed from it.
+    """
+
+    queryset: QuerySet[Any]
+    rel_obj_attr: KeyFunc
+    instance_attr: KeyFunc
+    single: bool
+    cache_name: str
+    is_descriptor: bool
+    link_back: Callable[[list[Model]], None] | None = None
+    additional_lookups: list[Any] = field(default_factory=list)
+
+
+def _only_queryset(querysets: Sequence[QuerySet[Any]] | None) -> QuerySet[Any] | None:
+    if querysets and len(querysets) != 1:
+        raise ValueError(
+            "querysets argument of get_prefetch_querysets() should have a length of 1."
+        )
+    return querysets[0] if querysets else None
+
+
+def _forward(
+    descriptor: ForwardManyToOneDescriptor,
+    instances: list[Model],
+    querysets: Sequence[QuerySet[Any]] | None,
+) -> RelationQuery:
+    """Forward foreign key and forward one-to-one (``book.publisher``, ``profile.book``)."""
+    fk = descriptor.field
+    queryset = _only_queryset(querysets)
+    if queryset is None:
+        queryset = descriptor.get_queryset(instance=instances[0])
+    else:
+        queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    rel_obj_attr = fk.get_foreign_related_value
+    instance_attr = fk.get_local_related_value
+    instances_dict = {instance_attr(inst): inst for inst in instances}
+    related_fields = [
+        queryset.query.resolve_ref(f.name).target for f in fk.foreign_related_fields
+    ]
+    queryset = queryset.filter(
+        TupleIn(
+            ColPairs(queryset.model._meta.db_table, related_fields, related_fields, fk),
+            list(instances_dict),
+        )
+    )
+    queryset.query.clear_ordering()
+    remote_field = fk.remote_field
+    link_back = None
+    if not remote_field.multiple:
+
+        def link_back(related: list[Model]) -> None:
+            for rel_obj in related:
+                remote_field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+
+    return RelationQuery(
+        queryset, rel_obj_attr, instance_attr, True, fk.cache_name, False, link_back
+    )
+
+
+def _reverse_one_to_one(
+    descriptor: ReverseOneToOneDescriptor,
+    instances: list[Model],
+    querysets: Sequence[QuerySet[Any]] | None,
+) -> RelationQuery:
+    """Reverse one-to-one (``book.profile``, ``book.ebook`` under multi-table inheritance)."""
+    related = descriptor.related
+    queryset = _only_queryset(querysets)
+    if queryset is None:
+        queryset = descriptor.get_queryset(instance=instances[0])
+    else:
+        queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    rel_obj_attr = related.field.get_local_related_value
+    instance_attr = related.field.get_foreign_related_value
+    instances_dict = {instance_attr(inst): inst for inst in instances}
+    queryset = queryset.filter(**{f"{related.field.name}__in": instances})
+    queryset.query.clear_ordering()
+
+    def link_back(related_objects: list[Model]) -> None:
+        for rel_obj in related_objects:
+            related.field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+
+    return RelationQuery(
+        queryset, rel_obj_attr, instance_attr, True, related.cache_name, False, link_back
+    )
+
+
+def _reverse_many_to_one(
+    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> RelationQuery:
+    """Reverse foreign key (``book.pages``), through the related model's default manager."""
+    fk = manager.field
+    queryset = _only_queryset(querysets)
+    if queryset is None:
+        # The related manager subclasses the default manager: its parent's
+        # get_queryset() is the unfiltered default queryset.
+        queryset = super(type(manager), manager).get_queryset()
+    queryset._add_hints(instance=instances[0])
+    queryset = queryset.using(queryset._db or manager._db)  # type: ignore[attr-defined]
+    rel_obj_attr = fk.get_local_related_value
+    instance_attr = fk.get_foreign_related_value
+    instances_dict = {instance_attr(inst): inst for inst in instances}
+    queryset = _filter_prefetch_queryset(queryset, fk.name, instances)
+
+    def link_back(related: list[Model]) -> None:
+        for rel_obj in related:
+            if not fk.is_cached(rel_obj):
+                fk.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+
+    return RelationQuery(
+        queryset,
+        rel_obj_attr,
+        instance_attr,
+        False,
+        fk.remote_field.cache_name,
+        False,
+        link_back,
+    )
+
+
+def _many_to_many(
+    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> RelationQuery:
+    """Many-to-many, both directions: Django's builder does not evaluate, so use it."""
+    rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
+        manager.get_prefetch_querysets(instances, querysets)
+    )
+    return RelationQuery(rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor)
+
+
+def build_relation_query(
+    descriptor: Any,
+    prefetcher: Any,
+    instances: list[Model],
+    querysets: Sequence[QuerySet[Any]] | None,
+) -> RelationQuery | None:
+    """Build the unevaluated prefetch query for ``instances``, or ``None`` to delegate.
+
+    ``descriptor`` is the class attribute and ``prefetcher`` the object with
+    ``get_prefetch_querysets()``, as returned by Django's ``get_prefetcher()``.
+    Exact type checks keep subclasses (``GenericRelation``'s descriptor, third-party
+    descriptors) on Django's own implementation.
+    """
+    kind = type(descriptor)
+    if kind is ForwardManyToOneDescriptor or kind is ForwardOneToOneDescriptor:
+        query = _forward(descriptor, instances, querysets)
+    elif kind is ReverseOneToOneDescriptor:
+        query = _reverse_one_to_one(descriptor, instances, querysets)
+    elif kind is ReverseManyToOneDescriptor:
+        query = _reverse_many_to_one(prefetcher, instances, querysets)
+    elif kind is ManyToManyDescriptor:
+        query = _many_to_many(prefetcher, instances, querysets)
+    else:
+        return None
+    query.additional_lookups = take_additional_lookups(query.queryset)
+    return query
+
+
+def take_additional_lookups(rel_qs: Any) -> list[Any]:
+    """Copy the ``prefetch_related()`` lookups off ``rel_qs`` and clear them, as Django does."""
+    lookups = [copy.copy(lookup) for lookup in getattr(rel_qs, "_prefetch_related_lookups", ())]
+    if lookups:
+        rel_qs._prefetch_related_lookups = ()
+    return lookups

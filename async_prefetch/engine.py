@@ -1,0 +1,445 @@
+"""The engine: runs a plan with one hydrating task and concurrent fetch tasks.
+
+The task that calls :func:`run_prefetch` is the only one that touches model
+instances: it decides each level (Django's ``get_prefetcher`` and ``is_fetched``),
+builds and compiles its query, hydrates rows, fills caches and starts the children.
+Fetch tasks only move rows from the database. A failure anywhere cancels the
+remaining fetches and restores every pre-existing instance from the journal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+from django.core import exceptions
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Model, QuerySet
+from django.db.models.query import get_prefetcher
+
+from . import _compat
+from .builders import RelationQuery, build_relation_query, take_additional_lookups
+from .compiler import CompiledQuery, compile_queryset
+from .config import load_config
+from .executor import CallerConnectionExecutor, Executor, PoolExecutor
+from .hydrator import hydrate
+from .journal import Journal
+from .planner import Level, Plan, cannot_find, normalize, not_prefetchable, to_attr_conflict
+
+__all__ = ["CallerContext", "run_prefetch"]
+
+
+@dataclass(frozen=True)
+class CallerContext:
+    """The caller's Django connections, captured on the caller's thread before any hop."""
+
+    connections: dict[str, BaseDatabaseWrapper]
+
+    @classmethod
+    def capture(cls) -> CallerContext:
+        """Snapshot ``django.db.connections`` as seen from the calling thread or task."""
+        from django.db import connections
+
+        return cls({alias: connections[alias] for alias in connections})
+
+    def in_atomic(self, alias: str) -> bool:
+        """True when the caller holds an open transaction on ``alias``."""
+        connection = self.connections.get(alias)
+        return connection is not None and connection.in_atomic_block
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """A level's query in flight: the objects it fetches for and how to match results."""
+
+    level: Level
+    instances: list[Model]
+    relation: RelationQuery | None  # None: delegated to Django on a worker thread
+    compiled: CompiledQuery | None
+    prefetcher: Any = None
+
+
+async def run_prefetch(
+    instances: list[Model],
+    lookups: Sequence[Any],
+    caller: CallerContext,
+    *,
+    root_queryset: QuerySet[Any] | None = None,
+) -> list[Model]:
+    """Prefetch ``lookups`` onto ``instances`` (or the rows of ``root_queryset``).
+
+    Returns the instances. On any failure or cancellation the instances are left as
+    they were and no pooled connection stays checked out.
+    """
+    run = _Run(caller)
+    return await run.execute(instances, lookups, root_queryset)
+
+
+class _Run:
+    def __init__(self, caller: CallerContext) -> None:
+        self._caller = caller
+        self._config = load_config()
+        self._limiter = anyio.CapacityLimiter(self._config.max_concurrency)
+        self._executors: dict[str, Executor] = {}
+        self._journal = Journal()
+        self._plan: Plan
+        self._roots: list[Model] = []
+        self._pending = 0
+        self._deferred: list[Level] = []
+        self._tg: TaskGroup
+        self._send: MemoryObjectSendStream[tuple[_Fetch, Any]]
+
+    # -- entry -------------------------------------------------------------------
+
+    async def execute(
+        self, instances: list[Model], lookups: Sequence[Any], root_queryset: QuerySet[Any] | None
+    ) -> list[Model]:
+        normalized = normalize(lookups)
+        if root_queryset is not None:
+            self._plan = Plan(root_queryset.model, _root_query_attrs(root_queryset))
+            self._plan.add_lookups(normalized, ())
+            compiled = compile_queryset(root_queryset)
+            rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
+            instances = hydrate(compiled, rows)
+            self._journal.mark_created(instances)
+        else:
+            if not instances:
+                return instances
+            first = instances[0]
+            self._plan = Plan(type(first), getattr(first, "__dict__", {}))
+            self._plan.add_lookups(normalized, ())
+        if not instances or not self._plan.roots:
+            return instances
+        self._roots = instances
+        try:
+            await self._run_graph()
+        except BaseException:
+            self._journal.rollback()
+            raise
+        return instances
+
+    async def _run_graph(self) -> None:
+        send, receive = anyio.create_memory_object_stream[tuple[_Fetch, Any]](math.inf)
+        self._send = send
+        try:
+            async with anyio.create_task_group() as tg, send, receive:
+                self._tg = tg
+                for level in list(self._plan.roots):
+                    await self._schedule(level)
+                while self._pending:
+                    fetch, payload = await receive.receive()
+                    self._pending -= 1
+                    await self._on_fetched(fetch, payload)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
+        unfinished = [level.key for level in self._plan.levels.values() if not level.done]
+        assert not unfinished, f"levels never ran: {unfinished}"
+
+    # -- scheduling ----------------------------------------------------------------
+
+    async def _schedule(self, level: Level) -> None:
+        """Start ``level`` now if Django would have run its predecessors, else defer it."""
+        if self._plan.blockers(level):
+            self._deferred.append(level)
+            return
+        parent_objects = self._roots if level.parent is None else level.parent.result
+        await self._start(level, parent_objects)
+
+    async def _finish(self, level: Level, objects: list[Any] | None) -> None:
+        """Record ``level``'s objects and start its children (or skip them: no objects)."""
+        level.done = True
+        level.result = objects or []
+        if objects:
+            for child in list(level.children):
+                await self._schedule(child)
+        else:
+            _skip_descendants(level)
+        await self._release_deferred()
+
+    async def _release_deferred(self) -> None:
+        progressed = True
+        while progressed:
+            progressed = False
+            for level in list(self._deferred):
+                if level.done or not self._plan.blockers(level):
+                    self._deferred.remove(level)
+                    if not level.done:
+                        parent_objects = (
+                            self._roots if level.parent is None else level.parent.result
+                        )
+                        await self._start(level, parent_objects)
+                    progressed = True
+
+    async def _start(self, level: Level, obj_list: list[Any]) -> None:
+        """One step of Django's ``prefetch_related_objects`` loop for ``level``."""
+        if not obj_list:
+            await self._finish(level, None)
+            return
+        if not self._prepare(obj_list):
+            await self._finish(level, None)
+            return
+        first_obj = obj_list[0]
+        prefetcher, descriptor, attr_found, is_fetched = await _sync_or_thread(
+            get_prefetcher, first_obj, level.through_attr, level.to_attr
+        )
+        if not attr_found:
+            raise cannot_find(
+                level.through_attr, first_obj.__class__.__name__, level.lookup.prefetch_through
+            )
+        if level.terminal_for and prefetcher is None:
+            raise not_prefetchable(level.terminal_for[0].prefetch_through)
+        obj_to_fetch = None
+        if prefetcher is not None:
+            obj_to_fetch = [obj for obj in obj_list if not is_fetched(obj)]
+        if obj_to_fetch:
+            self._begin_fetch(level, prefetcher, descriptor, obj_to_fetch)
+        else:
+            # Already fetched (select_related, an earlier lookup) or not a relation at
+            # all (a property): walk on through the attribute's values.
+            await self._finish(level, await _sync_or_thread(_traverse, obj_list, level.through_attr))
+
+    def _prepare(self, obj_list: list[Any]) -> bool:
+        for obj in obj_list:
+            if not hasattr(obj, "_prefetched_objects_cache"):
+                if hasattr(obj, "__dict__"):
+                    self._journal.touch(obj)
+                try:
+                    obj._prefetched_objects_cache = {}
+                except (AttributeError, TypeError):
+                    return False
+        return True
+
+    # -- fetching ------------------------------------------------------------------
+
+    def _begin_fetch(
+        self, level: Level, prefetcher: Any, descriptor: Any, instances: list[Model]
+    ) -> None:
+        relation = build_relation_query(descriptor, prefetcher, instances, level.querysets())
+        compiled = compile_queryset(relation.queryset) if relation is not None else None
+        fetch = _Fetch(level, instances, relation, compiled, prefetcher)
+        self._pending += 1
+        self._tg.start_soon(self._fetch, fetch)
+
+    async def _fetch(self, fetch: _Fetch) -> None:
+        payload: Any
+        if fetch.compiled is not None:
+            compiled = fetch.compiled
+            payload = await self._fetch_rows(compiled) if compiled.sql is not None else []
+        else:
+            payload = await anyio.to_thread.run_sync(
+                _django_prefetch_querysets,
+                fetch.prefetcher,
+                fetch.instances,
+                fetch.level.querysets(),
+                abandon_on_cancel=False,
+            )
+        await self._send.send((fetch, payload))
+
+    async def _fetch_rows(self, compiled: CompiledQuery) -> list[tuple[Any, ...]]:
+        return await self._executor(compiled.alias).fetch(compiled)
+
+    def _executor(self, alias: str) -> Executor:
+        executor = self._executors.get(alias)
+        if executor is None:
+            caller_connection = self._caller.connections.get(alias)
+            if caller_connection is not None and caller_connection.vendor != "postgresql":
+                raise exceptions.ImproperlyConfigured(
+                    f"async_prefetch cannot run queries on database {alias!r} "
+                    f"({caller_connection.vendor}); only PostgreSQL is supported."
+                )
+            if self._caller.in_atomic(alias):
+                assert caller_connection is not None
+                executor = CallerConnectionExecutor(caller_connection)
+            else:
+                executor = PoolExecutor(alias, self._limiter, caller_connection)
+            self._executors[alias] = executor
+        return executor
+
+    # -- hydration -----------------------------------------------------------------
+
+    async def _on_fetched(self, fetch: _Fetch, payload: Any) -> None:
+        level = fetch.level
+        if fetch.relation is not None:
+            assert fetch.compiled is not None
+            relation = fetch.relation
+            related = hydrate(fetch.compiled, payload)
+            self._journal.mark_created(related)
+            if relation.link_back is not None:
+                relation.link_back(related)
+        else:
+            relation, related = payload.relation, payload.related
+            self._journal.mark_created(related)
+            self._report_delegated(payload.queries)
+        self._assign(level, fetch.instances, relation, related)
+        if relation.additional_lookups:
+            auto = normalize(relation.additional_lookups, level.key)
+            # Django runs these right after the current lookup, before the next one,
+            # the deepest level's first.
+            order = (*level.order[0], -level.depth)
+            self._plan.add_lookups(auto, order, parent=level)
+        await self._finish(level, related)
+
+    def _report_delegated(self, queries: dict[str, list[dict[str, str]]]) -> None:
+        for alias, entries in queries.items():
+            connection = self._caller.connections.get(alias)
+            if connection is not None and connection.queries_logged:
+                connection.queries_log.extend(entries)
+
+    def _assign(
+        self, level: Level, instances: list[Model], relation: RelationQuery, related: list[Model]
+    ) -> None:
+        """Fill caches on ``instances`` as Django's ``prefetch_one_level`` does."""
+        rel_obj_cache: dict[Any, list[Model]] = {}
+        rel_obj_attr = relation.rel_obj_attr
+        for rel_obj in related:
+            rel_obj_cache.setdefault(rel_obj_attr(rel_obj), []).append(rel_obj)
+        lookup = level.lookup
+        to_attr, as_attr = level.to_attr, level.as_attr
+        if as_attr and instances:
+            model = instances[0].__class__
+            try:
+                model._meta.get_field(to_attr)
+            except exceptions.FieldDoesNotExist:
+                pass
+            else:
+                raise to_attr_conflict(to_attr, model)
+        leaf_queryset = lookup.queryset if level.is_leaf else None
+        cache_name = relation.cache_name
+        instance_attr = relation.instance_attr
+        touch = self._journal.touch
+        for obj in instances:
+            touch(obj)
+            vals = rel_obj_cache.get(instance_attr(obj), [])
+            if relation.single:
+                val = vals[0] if vals else None
+                if as_attr:
+                    setattr(obj, to_attr, val)
+                elif relation.is_descriptor:
+                    setattr(obj, cache_name, val)
+                else:
+                    obj._state.fields_cache[cache_name] = val
+            elif as_attr:
+                setattr(obj, to_attr, vals)
+            else:
+                manager = getattr(obj, to_attr)
+                if leaf_queryset is not None:
+                    source = leaf_queryset._chain() if _compat.CHAIN_LEAF_QUERYSET else leaf_queryset
+                    qs = manager._apply_rel_filters(source)
+                else:
+                    qs = manager.get_queryset()
+                qs._result_cache = vals
+                qs._prefetch_done = True
+                obj._prefetched_objects_cache[cache_name] = qs
+
+
+def _root_query_attrs(queryset: QuerySet[Any]) -> set[str]:
+    query = queryset.query
+    return set(query.annotations) | set(query.extra_select)
+
+
+def _skip_descendants(level: Level) -> None:
+    for child in level.children:
+        if not child.done:
+            child.done = True
+            _skip_descendants(child)
+
+
+def _traverse(obj_list: list[Any], through_attr: str) -> list[Any]:
+    """Django's walk through an attribute that needs no query (lists flattened, None skipped)."""
+    new_obj_list: list[Any] = []
+    for obj in obj_list:
+        if through_attr in getattr(obj, "_prefetched_objects_cache", ()):
+            new_obj = list(obj._prefetched_objects_cache.get(through_attr))
+        else:
+            try:
+                new_obj = getattr(obj, through_attr)
+            except exceptions.ObjectDoesNotExist:
+                continue
+        if new_obj is None:
+            continue
+        if isinstance(new_obj, list):
+            new_obj_list.extend(new_obj)
+        else:
+            new_obj_list.append(new_obj)
+    return new_obj_list
+
+
+async def _sync_or_thread(func: Any, *args: Any) -> Any:
+    """Call ``func`` here; if it needs the database (a property), call it on a worker thread.
+
+    The hydrating task waits meanwhile, so the instances are still touched by one
+    thread at a time.
+    """
+    try:
+        return func(*args)
+    except SynchronousOnlyOperation:
+        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=False)
+
+
+@dataclass
+class _Delegated:
+    """What Django's own implementation fetched on a worker thread, and the queries it ran."""
+
+    relation: RelationQuery
+    related: list[Model]
+    queries: dict[str, list[dict[str, str]]]
+
+
+def _django_prefetch_querysets(
+    prefetcher: Any, instances: list[Model], querysets: list[Any] | None
+) -> _Delegated:
+    """Run Django's own builder and query for a relation kind without a native builder.
+
+    Runs on a worker thread with that thread's Django connections; their query logs are
+    captured so the caller's connection can report them.
+    """
+    from django.db import close_old_connections, connections
+
+    handlers = [connections[alias] for alias in connections]
+    marks = [(conn, conn.force_debug_cursor, len(conn.queries_log)) for conn in handlers]
+    for conn in handlers:
+        conn.force_debug_cursor = True
+    try:
+        rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
+            prefetcher.get_prefetch_querysets(instances, querysets)
+        )
+        additional = take_additional_lookups(rel_qs)
+        related = list(rel_qs)
+        queries = {
+            conn.alias: list(conn.queries_log)[start:] for conn, _, start in marks
+        }
+    finally:
+        for conn, forced, _ in marks:
+            conn.force_debug_cursor = forced
+        close_old_connections()
+    relation = RelationQuery(
+        rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor,
+        additional_lookups=additional,
+    )
+    return _Delegated(relation, related, queries)
+
+
+def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first real error of a task group (cancellations of siblings are noise)."""
+    errors: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            errors.append(exc)
+
+    collect(group)
+    cancelled = anyio.get_cancelled_exc_class()
+    for error in errors:
+        if not isinstance(error, cancelled):
+            return error
+    return errors[0] if errors else group
+

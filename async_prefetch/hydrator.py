@@ -1,0 +1,78 @@
+"""Build model instances from fetched rows exactly as Django's ``ModelIterable`` does."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+from weakref import ref as weak_ref
+
+from django.db.models import Model
+
+from . import _compat
+from .compiler import CompiledQuery
+
+
+def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Model]:
+    """Turn raw database rows for ``compiled`` into model instances.
+
+    Applies field converters, select_related populators, annotations and extra
+    selects, known related objects and (Django 6.1+) fetch modes and peers, in the
+    same order as ``ModelIterable.__iter__``. Must only be called from the one task
+    that owns the instances.
+    """
+    if compiled.sql is None or not rows:
+        return []
+    queryset = compiled.queryset
+    compiler = compiled.compiler
+    db = compiled.alias
+    fetch_mode = _compat.queryset_fetch_mode(queryset)
+    select, klass_info, annotation_col_map = (
+        compiler.select,
+        compiler.klass_info,
+        compiler.annotation_col_map,
+    )
+    assert klass_info is not None
+    model_cls = klass_info["model"]
+    select_fields = klass_info["select_fields"]
+    start, end = select_fields[0], select_fields[-1] + 1
+    init_list = [f[0].target.attname for f in select[start:end]]
+    from_db = _compat.from_db_for(model_cls, fetch_mode)
+    populators = _compat.related_populators(klass_info, select, db, fetch_mode)
+    known_related = []
+    for field, related_objs in queryset._known_related_objects.items():  # type: ignore[attr-defined]
+        attnames = [
+            field.attname if from_field == "self" else queryset.model._meta.get_field(from_field).attname
+            for from_field in field.from_fields
+        ]
+        known_related.append((field, related_objs, attnames, operator.attrgetter(*attnames)))
+    check_deferred = _compat.HAS_FETCH_MODES
+    track_peers = _compat.tracks_peers(fetch_mode)
+    peers: list[Any] = []
+
+    if compiler.has_extra_select:
+        col_count = compiler.col_count
+        rows = [row[:col_count] for row in rows]
+    instances: list[Model] = []
+    for row in compiler.results_iter(results=[rows]):
+        obj = from_db(db, init_list, row[start:end])
+        if track_peers:
+            peers.append(weak_ref(obj))
+            obj._state.peers = peers  # type: ignore[attr-defined]
+        for populator in populators:
+            populator.populate(row, obj)
+        if annotation_col_map:
+            for attr_name, col_pos in annotation_col_map.items():
+                setattr(obj, attr_name, row[col_pos])
+        for field, rel_objs, attnames, rel_getter in known_related:
+            if field.is_cached(obj):
+                continue
+            if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
+                continue
+            try:
+                rel_obj = rel_objs[rel_getter(obj)]
+            except KeyError:
+                continue
+            setattr(obj, field.name, rel_obj)
+        instances.append(obj)
+    return instances

@@ -1,0 +1,59 @@
+"""Route Django's own prefetching through the engine (``install()``) and back (``uninstall()``)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from django.db.models import query as django_query
+
+from . import api
+
+_lock = threading.Lock()
+_patched: list[tuple[Any, str, Any]] = []
+
+
+def _targets() -> list[tuple[Any, str, Any, Any]]:
+    """(module, name, Django's function, replacement) for every module holding a reference."""
+    originals = {
+        "prefetch_related_objects": (api.django_prefetch_related_objects, api.prefetch_related_objects),
+        "aprefetch_related_objects": (
+            django_query.aprefetch_related_objects,
+            api.aprefetch_related_objects,
+        ),
+    }
+    targets = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("django."):
+            continue
+        for name, (original, replacement) in originals.items():
+            if getattr(module, name, None) is original:
+                targets.append((module, name, original, replacement))
+    return targets
+
+
+def install() -> None:
+    """Make every ``prefetch_related``, ``aiterator()`` with prefetches,
+    ``prefetch_related_objects`` and ``aprefetch_related_objects`` (and Django 6.1's
+    fetch modes) run on the engine. Idempotent; undone by :func:`uninstall`.
+    """
+    with _lock:
+        if _patched:
+            return
+        for module, name, original, replacement in _targets():
+            setattr(module, name, replacement)
+            _patched.append((module, name, original))
+
+
+def uninstall() -> None:
+    """Restore Django's own functions everywhere :func:`install` replaced them."""
+    with _lock:
+        while _patched:
+            module, name, original = _patched.pop()
+            setattr(module, name, original)
+
+
+def is_installed() -> bool:
+    """True between :func:`install` and :func:`uninstall`."""
+    return bool(_patched)

@@ -1,0 +1,237 @@
+"""The planner: prefetch lookups become a graph of levels keyed by prefetch path.
+
+Each level is one step of one lookup (``authors`` then ``authors__location``), shared
+by every lookup that walks the same path, exactly as Django's ``done_queries`` shares
+them. A level depends on its parent level only: siblings run at the same time and a
+child starts as soon as its own parent is hydrated. Levels that read or write the same
+attribute name are additionally ordered as Django's serial loop orders them, so a
+lookup sees the caches an earlier lookup filled (for example ``authors`` and
+``pages__book__authors``).
+
+Bad lookups raise Django's exceptions, with Django's messages, while the plan is
+built: before any query is sent. Errors Django can only see on instances (attributes
+behind properties or generic foreign keys) are raised when the level runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.contrib.contenttypes.fields import ReverseGenericManyToOneDescriptor
+from django.core.exceptions import FieldDoesNotExist
+from django.db.models import Model, Prefetch
+from django.db.models.constants import LOOKUP_SEP
+from django.db.models.fields.related_descriptors import (
+    ForwardManyToOneDescriptor,
+    ManyToManyDescriptor,
+    ReverseManyToOneDescriptor,
+    ReverseOneToOneDescriptor,
+)
+from django.db.models.query import normalize_prefetch_lookups
+from django.db.models.query_utils import DeferredAttribute
+
+Order = tuple[int, ...]
+
+
+def cannot_find(attr: str, model_name: str, prefetch_through: str) -> AttributeError:
+    """Django's error for a lookup step that names no attribute."""
+    return AttributeError(
+        f"Cannot find '{attr}' on {model_name} object, '{prefetch_through}' is an invalid "
+        "parameter to prefetch_related()"
+    )
+
+
+def not_prefetchable(prefetch_through: str) -> ValueError:
+    """Django's error for a lookup whose last step is not a relation."""
+    return ValueError(
+        f"'{prefetch_through}' does not resolve to an item that supports prefetching - this "
+        "is an invalid parameter to prefetch_related()."
+    )
+
+
+def already_seen(prefetch_to: str) -> ValueError:
+    """Django's error for a ``Prefetch`` queryset given for a path already prefetched."""
+    return ValueError(
+        f"'{prefetch_to}' lookup was already seen with a different queryset. You may need "
+        "to adjust the ordering of your lookups."
+    )
+
+
+def to_attr_conflict(to_attr: str, model: type[Model]) -> ValueError:
+    """Django's error for a ``to_attr`` that names a model field."""
+    return ValueError(f"to_attr={to_attr} conflicts with a field on the {model.__name__} model.")
+
+
+@dataclass(eq=False)
+class Level:
+    """One step of the graph: fetch (or walk) ``through_attr`` on the parent's objects."""
+
+    key: str  # the prefetch path up to and including this step (Django's prefetch_to)
+    through_attr: str
+    to_attr: str
+    as_attr: bool
+    depth: int
+    lookup: Prefetch  # the first lookup to reach this step: its querysets apply
+    order: tuple[Order, int]  # position in Django's serial processing order
+    parent: Level | None
+    model: type[Model] | None  # model of the objects this step yields, when known statically
+    terminal_for: list[Prefetch] = field(default_factory=list)
+    children: list[Level] = field(default_factory=list)
+    done: bool = False
+    result: list[Any] = field(default_factory=list)
+
+    @property
+    def is_leaf(self) -> bool:
+        """True when this is the last step of the lookup that owns it."""
+        return self.depth == self.lookup.prefetch_through.count(LOOKUP_SEP)
+
+    @property
+    def names(self) -> set[str]:
+        """Attribute names this step reads or writes on its parent objects."""
+        return {self.through_attr, self.to_attr}
+
+    def querysets(self) -> list[Any] | None:
+        """The queryset list Django passes to ``get_prefetch_querysets()`` for this step."""
+        return self.lookup.get_current_querysets(self.depth)  # type: ignore[no-any-return]
+
+
+def related_model_of(descriptor: Any) -> type[Model] | None:
+    """The model a relation descriptor leads to, or ``None`` when not a known relation."""
+    if isinstance(descriptor, ForwardManyToOneDescriptor):
+        return descriptor.field.remote_field.model  # type: ignore[return-value]
+    if isinstance(descriptor, ReverseOneToOneDescriptor):
+        return descriptor.related.related_model  # type: ignore[return-value]
+    # ManyToManyDescriptor and the generic one subclass ReverseManyToOneDescriptor.
+    if isinstance(descriptor, ManyToManyDescriptor):
+        rel = descriptor.rel
+        return rel.related_model if descriptor.reverse else rel.model  # type: ignore[return-value]
+    if isinstance(descriptor, ReverseGenericManyToOneDescriptor):
+        return descriptor.field.related_model  # type: ignore[no-any-return]
+    if isinstance(descriptor, ReverseManyToOneDescriptor):
+        return descriptor.rel.related_model  # type: ignore[return-value]
+    return None
+
+
+def _instance_attrs(queryset: Any) -> set[str]:
+    """Attribute names a queryset sets on its instances beyond the model's own."""
+    if queryset is None:
+        return set()
+    query = queryset.query
+    return set(query.annotations) | set(query.extra_select)
+
+
+class Plan:
+    """The graph of levels for one prefetch run; grows when auto lookups are found."""
+
+    def __init__(self, root_model: type[Model], root_attrs: Iterable[str] = ()) -> None:
+        self.root_model = root_model
+        self.root_attrs = set(root_attrs)
+        self.levels: dict[str, Level] = {}
+        self.roots: list[Level] = []
+        self._by_name: dict[str, list[Level]] = {}
+
+    def add_lookups(
+        self, lookups: Sequence[Prefetch], order: Order, parent: Level | None = None
+    ) -> list[Level]:
+        """Add normalised lookups in Django's processing order; return the new levels.
+
+        ``order`` positions the first lookup; lookup ``i`` gets ``order + (i,)``.
+        Raises Django's exceptions for lookups that are invalid on the models.
+        """
+        created: list[Level] = []
+        for index, lookup in enumerate(lookups):
+            created.extend(self._add_lookup(lookup, (*order, index), parent))
+        return created
+
+    def _add_lookup(self, lookup: Prefetch, order: Order, start: Level | None) -> list[Level]:
+        if lookup.prefetch_to in self.levels:
+            if lookup.queryset is not None:
+                raise already_seen(lookup.prefetch_to)
+            return []
+        through_attrs = lookup.prefetch_through.split(LOOKUP_SEP)
+        created: list[Level] = []
+        parent: Level | None = None
+        for depth, through_attr in enumerate(through_attrs):
+            key = lookup.get_current_prefetch_to(depth)
+            level = self.levels.get(key)
+            if level is None:
+                if start is not None and depth <= start.depth:
+                    raise AssertionError(f"auto lookup {key!r} does not extend {start.key!r}")
+                to_attr, as_attr = lookup.get_current_to_attr(depth)
+                model = self._check_step(lookup, depth, through_attr, to_attr, as_attr, parent)
+                level = Level(
+                    key=key,
+                    through_attr=through_attr,
+                    to_attr=to_attr,
+                    as_attr=as_attr,
+                    depth=depth,
+                    lookup=lookup,
+                    order=(order, depth),
+                    parent=parent,
+                    model=model,
+                )
+                self.levels[key] = level
+                for name in level.names:
+                    self._by_name.setdefault(name, []).append(level)
+                if parent is None:
+                    self.roots.append(level)
+                else:
+                    parent.children.append(level)
+                created.append(level)
+            parent = level
+        assert parent is not None
+        parent.terminal_for.append(lookup)
+        return created
+
+    def _check_step(
+        self,
+        lookup: Prefetch,
+        depth: int,
+        through_attr: str,
+        to_attr: str,
+        as_attr: bool,
+        parent: Level | None,
+    ) -> type[Model] | None:
+        """Raise Django's error for a step that is invalid on a statically known model."""
+        if parent is None:
+            model: type[Model] | None = self.root_model
+            instance_attrs = self.root_attrs
+        else:
+            model = parent.model
+            instance_attrs = _instance_attrs(
+                parent.lookup.queryset if parent.is_leaf else None
+            )
+        if model is None:
+            return None  # behind a property or generic foreign key: checked at run time
+        is_last = depth == lookup.prefetch_through.count(LOOKUP_SEP)
+        descriptor = getattr(model, through_attr, None)
+        if descriptor is None:
+            if through_attr in instance_attrs or through_attr in self.levels:
+                return None
+            raise cannot_find(through_attr, model.__name__, lookup.prefetch_through)
+        if is_last and isinstance(descriptor, DeferredAttribute):
+            raise not_prefetchable(lookup.prefetch_through)
+        if as_attr:
+            try:
+                model._meta.get_field(to_attr)
+            except FieldDoesNotExist:
+                pass
+            else:
+                raise to_attr_conflict(to_attr, model)
+        return related_model_of(descriptor)
+
+    def blockers(self, level: Level) -> list[Level]:
+        """Unfinished levels Django would run before ``level`` that touch the same names."""
+        return [
+            other
+            for name in level.names
+            for other in self._by_name.get(name, ())
+            if other is not level and not other.done and other.order < level.order
+        ]
+
+
+def normalize(lookups: Iterable[Any], prefix: str | None = None) -> list[Prefetch]:
+    """Lookups as ``Prefetch`` objects in processing order (Django's normalisation)."""
+    return list(reversed(normalize_prefetch_lookups(reversed(list(lookups)), prefix)))
