@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         prefetch,
         prefetch_related_objects,
     )
-    from .install import install, uninstall
+    from .patching import install, uninstall
 
 _LAZY = {
     "FallbackWarning": "api",
@@ -40,8 +40,8 @@ _LAZY = {
     "aprefetch_related_objects": "api",
     "prefetch": "api",
     "prefetch_related_objects": "api",
-    "install": "install",
-    "uninstall": "install",
+    "install": "patching",
+    "uninstall": "patching",
 }
 
 

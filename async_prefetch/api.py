@@ -56,6 +56,15 @@ def _engine_root(queryset: QuerySet[Any]) -> bool:
     return queryset._iterable_class is ModelIterable and not query.select_for_update  # type: ignore[attr-defined]
 
 
+async def _capture_async_caller() -> CallerContext:
+    """The connections of the thread Django runs this coroutine's sync code on.
+
+    Under ``async_to_sync`` (Django's async test cases, sync middleware) that is the
+    outer thread, whose connection may hold an ``atomic`` block.
+    """
+    return await sync_to_async(CallerContext.capture, thread_sensitive=True)()
+
+
 def _split(queryset: QuerySet[M], lookups: tuple[Lookup, ...], using: str | None) -> tuple[QuerySet[M], list[Lookup]]:
     if using is not None:
         queryset = queryset.using(using)
@@ -79,7 +88,7 @@ async def aprefetch(
         await aprefetch_related_objects(instances, *lookups)
         return instances
     queryset, all_lookups = _split(qs_or_instances, lookups, using)
-    caller = CallerContext.capture()
+    caller = await _capture_async_caller()
     if not _engine_supports(queryset.db) or not _engine_root(queryset):
         instances = await sync_to_async(list)(queryset)
         await aprefetch_related_objects(instances, *all_lookups)
@@ -95,7 +104,7 @@ async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup
     if not _engine_supports(_alias_of(instances)):
         await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
         return
-    await run_prefetch(instances, lookups, CallerContext.capture())
+    await run_prefetch(instances, lookups, await _capture_async_caller())
 
 
 def prefetch(qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None) -> list[M]:

@@ -12,7 +12,7 @@ class AsyncPrefetchConfig(AppConfig):
 
     def ready(self) -> None:
         from .config import load_config
-        from .install import install
+        from .patching import install
 
         if load_config().install:
             install()

@@ -17,8 +17,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
+from asgiref.sync import sync_to_async
 from django.core import exceptions
 from django.core.exceptions import SynchronousOnlyOperation
+from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model, QuerySet
 from django.db.models.query import get_prefetcher
@@ -232,13 +234,14 @@ class _Run:
             compiled = fetch.compiled
             payload = await self._fetch_rows(compiled) if compiled.sql is not None else []
         else:
-            payload = await anyio.to_thread.run_sync(
-                _django_prefetch_querysets,
-                fetch.prefetcher,
-                fetch.instances,
-                fetch.level.querysets(),
-                abandon_on_cancel=False,
-            )
+            args = (fetch.prefetcher, fetch.instances, fetch.level.querysets())
+            if self._caller.in_atomic(fetch.instances[0]._state.db or DEFAULT_DB_ALIAS):
+                # The caller's thread holds the transaction: Django runs there.
+                payload = await sync_to_async(_django_prefetch_querysets)(*args)
+            else:
+                payload = await anyio.to_thread.run_sync(
+                    _django_prefetch_querysets, *args, abandon_on_cancel=False
+                )
         await self._send.send((fetch, payload))
 
     async def _fetch_rows(self, compiled: CompiledQuery) -> list[tuple[Any, ...]]:

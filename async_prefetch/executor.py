@@ -5,6 +5,8 @@ as soon as its rows are read; ``CallerConnectionExecutor`` runs them, one at a t
 on the caller's own connection (inside ``atomic``, where only that connection sees the
 transaction's rows). Both report queries like Django's debug cursor and raise
 Django's database exceptions.
+
+Another strategy (psycopg pipeline mode on one connection) fits behind ``Executor``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 
 import anyio
 import psycopg
+from asgiref.sync import sync_to_async
 from django.db import utils as django_db_utils
 from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -95,38 +98,23 @@ def _executed_sql(cursor: Any, query: CompiledQuery) -> str:
 
 
 class CallerConnectionExecutor:
-    """Runs queries on the caller's open Django connection, serially, off the event loop.
+    """Runs queries through the caller's own Django connection, on the thread that owns it.
 
-    The caller is suspended in the engine while this runs, so the connection is not
-    in use elsewhere; psycopg connections may be used from another thread.
+    Used inside ``atomic``, where only that connection sees the transaction's rows.
+    ``sync_to_async(thread_sensitive=True)`` reaches the thread holding the transaction
+    (the outer thread under ``async_to_sync``), and Django's cursor wrapper does the
+    logging, ``execute_wrappers`` and error translation. Queries run one at a time.
     """
 
     def __init__(self, connection: BaseDatabaseWrapper) -> None:
         self._connection = connection
-        self._serial = anyio.CapacityLimiter(1)
 
-    def _run(self, query: CompiledQuery) -> tuple[Rows, float, str]:
-        raw = self._connection.connection
-        assert raw is not None, "a connection inside atomic is open"
-        with raw.cursor() as cursor:
-            started = time.perf_counter()
+    def _run(self, query: CompiledQuery) -> Rows:
+        with self._connection.cursor() as cursor:
             cursor.execute(query.sql, query.params)
             rows: Rows = cursor.fetchall()
-            duration = time.perf_counter() - started
-            text = _executed_sql(cursor, query) if wants_log(self._connection) else ""
-        return rows, duration, text
+        return rows
 
     async def fetch(self, query: CompiledQuery) -> Rows:
         assert query.sql is not None
-        try:
-            rows, duration, text = await anyio.to_thread.run_sync(
-                self._run, query, limiter=self._serial
-            )
-        except psycopg.Error as exc:
-            raise as_django_error(exc) from exc
-        if wants_log(self._connection):
-            record_query(
-                self._connection, self._connection.alias, query.sql, query.params, duration,
-                lambda: text,
-            )
-        return rows
+        return await sync_to_async(self._run, thread_sensitive=True)(query)

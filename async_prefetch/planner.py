@@ -89,8 +89,12 @@ class Level:
 
     @property
     def names(self) -> set[str]:
-        """Attribute names this step reads or writes on its parent objects."""
-        return {self.through_attr, self.to_attr}
+        """The cache this step reads (``is_fetched``) and fills on its parent objects.
+
+        ``to_attr`` when given, else the relation's own name. Sibling ``Prefetch``
+        objects on one relation with different ``to_attr`` do not conflict.
+        """
+        return {self.to_attr}
 
     def querysets(self) -> list[Any] | None:
         """The queryset list Django passes to ``get_prefetch_querysets()`` for this step."""

@@ -80,3 +80,9 @@ async def close_pools() -> None:
     by_alias = _pools.pop(asyncio.get_running_loop(), {})
     for pool in by_alias.values():
         await pool.close()
+
+
+def pool_stats() -> dict[str, dict[str, int]]:
+    """``psycopg_pool`` statistics of the running loop's pools, by alias (observability)."""
+    by_alias = _pools.get(asyncio.get_running_loop(), {})
+    return {alias: pool.get_stats() for alias, pool in by_alias.items()}

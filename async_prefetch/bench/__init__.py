@@ -1,0 +1,1 @@
+"""Benchmark tooling for async_prefetch (latency injection, measurement helpers)."""

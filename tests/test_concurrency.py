@@ -1,0 +1,100 @@
+"""Concurrency is measured with the server's own clock, not assumed.
+
+Every prefetch query here carries ``pg_sleep`` in an uncorrelated sub-select (run once
+per query) and selects ``statement_timestamp()``: the server's start time of that
+query. Siblings must start together; a child must start after its parent finished.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from django.db.models import Prefetch, QuerySet
+
+import async_prefetch
+from tests.factories import seed_bookstore
+from tests.testapp.models import Author, Book, Location, Page, Review
+
+SLEEP = 0.3
+
+
+def slow(queryset: QuerySet[Any], seconds: float = SLEEP) -> QuerySet[Any]:
+    """``queryset`` that spends ``seconds`` in the server and records its start time."""
+    return queryset.extra(
+        select={"started_at": "statement_timestamp()"},
+        where=["EXISTS (SELECT 1 FROM pg_sleep(%s))"],
+        params=[seconds],
+    )
+
+
+def start_of(objects: list[Any]) -> datetime:
+    starts = {obj.started_at for obj in objects}
+    assert len(starts) == 1, "one query per relation"
+    return starts.pop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_five_sleeping_siblings_run_at_once() -> None:
+    await sync_seed()
+    lookups = [
+        Prefetch("reviews", queryset=slow(Review.objects.all()), to_attr=f"reviews_{i}")
+        for i in range(5)
+    ]
+    started = time.perf_counter()
+    books = await async_prefetch.aprefetch(Book.objects.order_by("pk"), *lookups)
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 3 * SLEEP, f"5 x {SLEEP}s siblings took {elapsed:.2f}s"
+    starts = [start_of([r for b in books for r in getattr(b, f"reviews_{i}")]) for i in range(5)]
+    spread = max(starts) - min(starts)
+    assert spread < timedelta(seconds=SLEEP / 2), f"siblings started {spread} apart"
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_child_starts_after_its_parent_and_not_after_siblings() -> None:
+    await sync_seed()
+    books = await async_prefetch.aprefetch(
+        Book.objects.order_by("pk"),
+        Prefetch("authors", queryset=slow(Author.objects.all()), to_attr="slow_authors"),
+        Prefetch("slow_authors__location", queryset=slow(Location.objects.all())),
+        Prefetch("reviews", queryset=slow(Review.objects.all(), 2 * SLEEP), to_attr="slow_reviews"),
+    )
+    authors = [a for b in books for a in b.slow_authors]
+    locations = [a.location for a in authors if a.location is not None]
+    reviews = [r for b in books for r in b.slow_reviews]
+    parent, child, sibling = start_of(authors), start_of(locations), start_of(reviews)
+
+    assert child - parent >= timedelta(seconds=SLEEP), "the child waited for its parent"
+    # The child does not wait for the slower sibling (no level-wide barrier).
+    assert child < sibling + timedelta(seconds=2 * SLEEP)
+    assert abs(sibling - parent) < timedelta(seconds=SLEEP / 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_api_is_concurrent_too() -> None:
+    seed_bookstore()
+    lookups = [
+        Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"p{i}")
+        for i in range(4)
+    ]
+    started = time.perf_counter()
+    books = async_prefetch.prefetch(Book.objects.order_by("pk"), *lookups)
+    elapsed = time.perf_counter() - started
+    assert books
+    assert elapsed < 2.5 * SLEEP, f"4 x {SLEEP}s siblings took {elapsed:.2f}s"
+
+
+async def sync_seed() -> None:
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(seed_bookstore)()

@@ -1,0 +1,110 @@
+"""A failure or cancellation mid-way leaves no half-filled caches and no checked-out connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import DataError, connection
+from django.db.models import Prefetch
+from django.db.models.expressions import RawSQL
+
+import async_prefetch
+from async_prefetch import bridge
+from async_prefetch.pools import pool_stats
+from tests.cache_snapshot import snapshot
+from tests.factories import seed_bookstore
+from tests.testapp.models import Book, Review
+
+# Fails in the server after 0.2 s, when the fast siblings have long been hydrated.
+FAILING = Prefetch(
+    "reviews",
+    queryset=Review.objects.annotate(boom=RawSQL("(SELECT 1 / 0 FROM pg_sleep(0.2))", ())),
+    to_attr="boom_reviews",
+)
+FAST = ["pages", "authors__location", "publisher", "tags"]
+
+
+def checked_out(stats: dict[str, dict[str, int]]) -> int:
+    """Connections given to clients or being prepared (a returned broken one is replaced)."""
+    return sum(s.get("pool_size", 0) - s.get("pool_available", 0) for s in stats.values())
+
+
+async def settle_pool() -> int:
+    """Checked-out connections once the pool's background work is done (at most 5 s)."""
+    with anyio.move_on_after(5):
+        while checked_out(pool_stats()):
+            await anyio.sleep(0.02)
+    return checked_out(pool_stats())
+
+
+def sleepers() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query LIKE '%%pg_sleep(5)%%' AND pid <> pg_backend_pid()"
+        )
+        (count,) = cursor.fetchone()
+    return int(count)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_failure_restores_instances_and_pool() -> None:
+    seed_bookstore()
+    books = list(Book.objects.select_related("publisher").order_by("pk"))
+    before = snapshot(books, FAST)
+    dicts_before = [dict(b.__dict__) for b in books]
+
+    with pytest.raises(DataError, match="division by zero"):
+        async_prefetch.prefetch_related_objects(books, *FAST, FAILING)
+
+    assert snapshot(books, FAST) == before
+    assert [dict(b.__dict__) for b in books] == dicts_before
+    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
+    assert bridge.run_sync(settle_pool) == 0
+    # The instances are still usable: a second run fills them completely.
+    async_prefetch.prefetch_related_objects(books, *FAST)
+    assert all("pages" in b._prefetched_objects_cache for b in books)
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_async_failure_restores_instances_and_pool() -> None:
+    await sync_to_async(seed_bookstore)()
+    books: list[Any] = await sync_to_async(list)(Book.objects.order_by("pk"))
+    with pytest.raises(DataError):
+        await async_prefetch.aprefetch_related_objects(books, *FAST, FAILING)
+    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
+    assert not any(hasattr(b, "boom_reviews") for b in books)
+    assert await settle_pool() == 0
+    await async_prefetch.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_cancellation_restores_instances_and_pool() -> None:
+    await sync_to_async(seed_bookstore)()
+    books: list[Any] = await sync_to_async(list)(Book.objects.order_by("pk"))
+    sleeping = Prefetch(
+        "reviews",
+        queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
+        to_attr="never",
+    )
+    with anyio.move_on_after(0.5) as scope:
+        await async_prefetch.aprefetch_related_objects(books, *FAST, sleeping)
+    assert scope.cancelled_caught
+    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
+    assert await settle_pool() == 0
+    # psycopg cancels the query in the server too: nothing keeps sleeping there.
+    with anyio.move_on_after(3):
+        while await sync_to_async(sleepers)():
+            await anyio.sleep(0.05)
+    assert await sync_to_async(sleepers)() == 0
+    await async_prefetch.aclose()

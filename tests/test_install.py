@@ -1,0 +1,90 @@
+"""``install()`` routes Django's own prefetching through the engine; ``uninstall()`` undoes it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import django.db.models
+import pytest
+from django.db.models import Prefetch
+from django.db.models import query as django_query
+
+import async_prefetch
+from async_prefetch.api import django_prefetch_related_objects
+from tests.factories import seed_bookstore
+from tests.test_concurrency import SLEEP, slow
+from tests.testapp.models import Book, Page
+
+SIBLINGS = 4
+
+
+def sleeping_lookups() -> list[Prefetch]:
+    return [
+        Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"pages_{i}")
+        for i in range(SIBLINGS)
+    ]
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    async_prefetch.install()
+    try:
+        yield
+    finally:
+        async_prefetch.uninstall()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def timed(func: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = func()
+    return result, time.perf_counter() - started
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unmodified_prefetch_related_becomes_concurrent(installed: None) -> None:
+    seed_bookstore()
+    books, elapsed = timed(lambda: list(Book.objects.prefetch_related(*sleeping_lookups())))
+    assert books and all(len(b.pages_0) == len(b.pages_3) for b in books)
+    assert elapsed < (SIBLINGS - 1) * SLEEP, f"{SIBLINGS} sleeping siblings took {elapsed:.2f}s"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_uninstall_restores_django() -> None:
+    seed_bookstore()
+    async_prefetch.install()
+    assert django_query.prefetch_related_objects is async_prefetch.prefetch_related_objects
+    assert django.db.models.aprefetch_related_objects is async_prefetch.aprefetch_related_objects
+    async_prefetch.uninstall()
+    assert django_query.prefetch_related_objects is django_prefetch_related_objects
+    assert django.db.models.prefetch_related_objects is django_prefetch_related_objects
+    _, elapsed = timed(lambda: list(Book.objects.prefetch_related(*sleeping_lookups())))
+    assert elapsed >= SIBLINGS * SLEEP, "Django runs them one after another"
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_aiterator_and_async_for_become_concurrent(installed: None) -> None:
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(seed_bookstore)()
+    queryset = Book.objects.prefetch_related(*sleeping_lookups())
+
+    started = time.perf_counter()
+    books = [book async for book in queryset.aiterator(chunk_size=100)]
+    elapsed = time.perf_counter() - started
+    assert books and all(hasattr(b, "pages_3") for b in books)
+    assert elapsed < (SIBLINGS - 1) * SLEEP, f"aiterator() took {elapsed:.2f}s"
+
+    started = time.perf_counter()
+    books = [book async for book in queryset.all()]
+    elapsed = time.perf_counter() - started
+    assert books and all(hasattr(b, "pages_3") for b in books)
+    assert elapsed < (SIBLINGS - 1) * SLEEP, f"async for took {elapsed:.2f}s"
+    await async_prefetch.aclose()
