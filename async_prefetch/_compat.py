@@ -36,9 +36,10 @@ def from_db_for(model: type[Model], fetch_mode: Any) -> Callable[..., Model]:
 
 def related_populators(klass_info: Any, select: Any, db: str, fetch_mode: Any) -> list[Any]:
     """``get_related_populators`` for select_related, on either signature."""
+    get_populators: Callable[..., list[Any]] = django_query.get_related_populators
     if _POPULATORS_TAKE_FETCH_MODE:
-        return django_query.get_related_populators(klass_info, select, db, fetch_mode)  # type: ignore[call-arg]
-    return django_query.get_related_populators(klass_info, select, db)  # type: ignore[no-any-return]
+        return get_populators(klass_info, select, db, fetch_mode)
+    return get_populators(klass_info, select, db)
 
 
 def tracks_peers(fetch_mode: Any) -> bool:

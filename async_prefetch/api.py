@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 from asgiref.sync import sync_to_async
@@ -18,7 +18,7 @@ from .engine import CallerContext, run_prefetch
 from .pools import close_pools
 
 M = TypeVar("M", bound=Model)
-Lookup = str | Prefetch
+Lookup: TypeAlias = "str | Prefetch[Any]"
 
 #: Django's own implementation, captured before ``install()`` can replace it.
 django_prefetch_related_objects = django_query.prefetch_related_objects
@@ -50,10 +50,14 @@ def _engine_supports(alias: str) -> bool:
     return False
 
 
+def _evaluate(queryset: QuerySet[M]) -> list[M]:
+    return list(queryset)
+
+
 def _engine_root(queryset: QuerySet[Any]) -> bool:
     """True when the engine can fetch the queryset's own rows (plain model rows)."""
     query = queryset.query
-    return queryset._iterable_class is ModelIterable and not query.select_for_update  # type: ignore[attr-defined]
+    return queryset._iterable_class is ModelIterable and not query.select_for_update
 
 
 async def _capture_async_caller() -> CallerContext:
@@ -65,7 +69,9 @@ async def _capture_async_caller() -> CallerContext:
     return await sync_to_async(CallerContext.capture, thread_sensitive=True)()
 
 
-def _split(queryset: QuerySet[M], lookups: tuple[Lookup, ...], using: str | None) -> tuple[QuerySet[M], list[Lookup]]:
+def _split(
+    queryset: QuerySet[M], lookups: tuple[Lookup, ...], using: str | None
+) -> tuple[QuerySet[M], list[Lookup]]:
     if using is not None:
         queryset = queryset.using(using)
     all_lookups = [*queryset._prefetch_related_lookups, *lookups]  # type: ignore[attr-defined]
@@ -90,7 +96,7 @@ async def aprefetch(
     queryset, all_lookups = _split(qs_or_instances, lookups, using)
     caller = await _capture_async_caller()
     if not _engine_supports(queryset.db) or not _engine_root(queryset):
-        instances = await sync_to_async(list)(queryset)
+        instances = await sync_to_async(_evaluate)(queryset)
         await aprefetch_related_objects(instances, *all_lookups)
         return instances
     return await run_prefetch([], all_lookups, caller, root_queryset=queryset)  # type: ignore[return-value]
@@ -107,7 +113,9 @@ async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup
     await run_prefetch(instances, lookups, await _capture_async_caller())
 
 
-def prefetch(qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None) -> list[M]:
+def prefetch(
+    qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None
+) -> list[M]:
     """Synchronous :func:`aprefetch`; the engine runs on its own event-loop thread."""
     if not isinstance(qs_or_instances, QuerySet):
         instances = list(qs_or_instances)

@@ -18,17 +18,23 @@ from typing import Any
 
 from django.db.models import Model, QuerySet
 from django.db.models.expressions import ColPairs
+from django.db.models.fields import related_descriptors
 from django.db.models.fields.related_descriptors import (
     ForwardManyToOneDescriptor,
     ForwardOneToOneDescriptor,
     ManyToManyDescriptor,
     ReverseManyToOneDescriptor,
     ReverseOneToOneDescriptor,
-    _filter_prefetch_queryset,
 )
 from django.db.models.fields.tuple_lookups import TupleIn
 
 KeyFunc = Callable[[Model], Hashable]
+
+# Django's own filter for reverse relations (sliced querysets become a ROW_NUMBER()
+# window); private, but identical in every supported Django line.
+_filter_prefetch_queryset: Callable[[Any, str, list[Model]], Any] = (
+    related_descriptors._filter_prefetch_queryset  # type: ignore[attr-defined]
+)
 
 
 @dataclass(eq=False)
@@ -59,7 +65,7 @@ def _only_queryset(querysets: Sequence[QuerySet[Any]] | None) -> QuerySet[Any] |
 
 
 def _forward(
-    descriptor: ForwardManyToOneDescriptor,
+    descriptor: ForwardManyToOneDescriptor[Any],
     instances: list[Model],
     querysets: Sequence[QuerySet[Any]] | None,
 ) -> RelationQuery:
@@ -73,9 +79,8 @@ def _forward(
     rel_obj_attr = fk.get_foreign_related_value
     instance_attr = fk.get_local_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
-    related_fields = [
-        queryset.query.resolve_ref(f.name).target for f in fk.foreign_related_fields
-    ]
+    query: Any = queryset.query
+    related_fields = [query.resolve_ref(f.name).target for f in fk.foreign_related_fields]
     queryset = queryset.filter(
         TupleIn(
             ColPairs(queryset.model._meta.db_table, related_fields, related_fields, fk),
@@ -97,7 +102,7 @@ def _forward(
 
 
 def _reverse_one_to_one(
-    descriptor: ReverseOneToOneDescriptor,
+    descriptor: ReverseOneToOneDescriptor[Any, Any],
     instances: list[Model],
     querysets: Sequence[QuerySet[Any]] | None,
 ) -> RelationQuery:
@@ -128,13 +133,13 @@ def _reverse_many_to_one(
 ) -> RelationQuery:
     """Reverse foreign key (``book.pages``), through the related model's default manager."""
     fk = manager.field
-    queryset = _only_queryset(querysets)
+    queryset: Any = _only_queryset(querysets)
     if queryset is None:
         # The related manager subclasses the default manager: its parent's
         # get_queryset() is the unfiltered default queryset.
         queryset = super(type(manager), manager).get_queryset()
     queryset._add_hints(instance=instances[0])
-    queryset = queryset.using(queryset._db or manager._db)  # type: ignore[attr-defined]
+    queryset = queryset.using(queryset._db or manager._db)
     rel_obj_attr = fk.get_local_related_value
     instance_attr = fk.get_foreign_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}

@@ -71,4 +71,6 @@ def load_config() -> EngineConfig:
     max_concurrency = int(raw.get("MAX_CONCURRENCY", pool.max_size))
     if max_concurrency < 1:
         raise ImproperlyConfigured("ASYNC_PREFETCH['MAX_CONCURRENCY'] must be at least 1.")
-    return EngineConfig(pool=pool, max_concurrency=max_concurrency, install=bool(raw.get("INSTALL", False)))
+    return EngineConfig(
+        pool=pool, max_concurrency=max_concurrency, install=bool(raw.get("INSTALL", False))
+    )

@@ -204,7 +204,9 @@ class _Run:
         else:
             # Already fetched (select_related, an earlier lookup) or not a relation at
             # all (a property): walk on through the attribute's values.
-            await self._finish(level, await _sync_or_thread(_traverse, obj_list, level.through_attr))
+            await self._finish(
+                level, await _sync_or_thread(_traverse, obj_list, level.through_attr)
+            )
 
     def _prepare(self, obj_list: list[Any]) -> bool:
         for obj in obj_list:
@@ -312,7 +314,7 @@ class _Run:
                 pass
             else:
                 raise to_attr_conflict(to_attr, model)
-        leaf_queryset = lookup.queryset if level.is_leaf else None
+        leaf_queryset: Any = lookup.queryset if level.is_leaf else None
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
         touch = self._journal.touch
@@ -332,13 +334,15 @@ class _Run:
             else:
                 manager = getattr(obj, to_attr)
                 if leaf_queryset is not None:
-                    source = leaf_queryset._chain() if _compat.CHAIN_LEAF_QUERYSET else leaf_queryset
+                    source = (
+                        leaf_queryset._chain() if _compat.CHAIN_LEAF_QUERYSET else leaf_queryset
+                    )
                     qs = manager._apply_rel_filters(source)
                 else:
                     qs = manager.get_queryset()
                 qs._result_cache = vals
                 qs._prefetch_done = True
-                obj._prefetched_objects_cache[cache_name] = qs
+                obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
 
 
 def _root_query_attrs(queryset: QuerySet[Any]) -> set[str]:
@@ -414,15 +418,18 @@ def _django_prefetch_querysets(
         )
         additional = take_additional_lookups(rel_qs)
         related = list(rel_qs)
-        queries = {
-            conn.alias: list(conn.queries_log)[start:] for conn, _, start in marks
-        }
+        queries = {conn.alias: list(conn.queries_log)[start:] for conn, _, start in marks}
     finally:
         for conn, forced, _ in marks:
             conn.force_debug_cursor = forced
         close_old_connections()
     relation = RelationQuery(
-        rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor,
+        rel_qs,
+        rel_obj_attr,
+        instance_attr,
+        single,
+        cache_name,
+        is_descriptor,
         additional_lookups=additional,
     )
     return _Delegated(relation, related, queries)
@@ -445,4 +452,3 @@ def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
         if not isinstance(error, cancelled):
             return error
     return errors[0] if errors else group
-

@@ -110,6 +110,7 @@ class CallerConnectionExecutor:
         self._connection = connection
 
     def _run(self, query: CompiledQuery) -> Rows:
+        assert query.sql is not None
         with self._connection.cursor() as cursor:
             cursor.execute(query.sql, query.params)
             rows: Rows = cursor.fetchall()

@@ -42,7 +42,9 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     known_related = []
     for field, related_objs in queryset._known_related_objects.items():  # type: ignore[attr-defined]
         attnames = [
-            field.attname if from_field == "self" else queryset.model._meta.get_field(from_field).attname
+            field.attname
+            if from_field == "self"
+            else queryset.model._meta.get_field(from_field).attname
             for from_field in field.from_fields
         ]
         known_related.append((field, related_objs, attnames, operator.attrgetter(*attnames)))
@@ -53,12 +55,13 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     if compiler.has_extra_select:
         col_count = compiler.col_count
         rows = [row[:col_count] for row in rows]
+    results: list[Any] = [rows]
     instances: list[Model] = []
-    for row in compiler.results_iter(results=[rows]):
+    for row in compiler.results_iter(results=results):
         obj = from_db(db, init_list, row[start:end])
         if track_peers:
             peers.append(weak_ref(obj))
-            obj._state.peers = peers  # type: ignore[attr-defined]
+            obj._state.peers = peers
         for populator in populators:
             populator.populate(row, obj)
         if annotation_col_map:

@@ -22,7 +22,7 @@ class Journal:
 
     def __init__(self) -> None:
         self._created: set[int] = set()
-        self._snapshots: dict[int, tuple[Any, dict[str, Any], dict[str, Any], Any]] = {}
+        self._snapshots: dict[int, tuple[Any, dict[str, Any], Any, Any]] = {}
 
     def mark_created(self, instances: list[Model]) -> None:
         """Record instances built by this run: they need no snapshot."""

@@ -17,7 +17,10 @@ _patched: list[tuple[Any, str, Any]] = []
 def _targets() -> list[tuple[Any, str, Any, Any]]:
     """(module, name, Django's function, replacement) for every module holding a reference."""
     originals = {
-        "prefetch_related_objects": (api.django_prefetch_related_objects, api.prefetch_related_objects),
+        "prefetch_related_objects": (
+            api.django_prefetch_related_objects,
+            api.prefetch_related_objects,
+        ),
         "aprefetch_related_objects": (
             django_query.aprefetch_related_objects,
             api.aprefetch_related_objects,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.contenttypes.fields import ReverseGenericManyToOneDescriptor
 from django.core.exceptions import FieldDoesNotExist
@@ -73,11 +73,11 @@ class Level:
     to_attr: str
     as_attr: bool
     depth: int
-    lookup: Prefetch  # the first lookup to reach this step: its querysets apply
+    lookup: Prefetch[Any]  # the first lookup to reach this step: its querysets apply
     order: tuple[Order, int]  # position in Django's serial processing order
     parent: Level | None
     model: type[Model] | None  # model of the objects this step yields, when known statically
-    terminal_for: list[Prefetch] = field(default_factory=list)
+    terminal_for: list[Prefetch[Any]] = field(default_factory=list)
     children: list[Level] = field(default_factory=list)
     done: bool = False
     result: list[Any] = field(default_factory=list)
@@ -98,24 +98,26 @@ class Level:
 
     def querysets(self) -> list[Any] | None:
         """The queryset list Django passes to ``get_prefetch_querysets()`` for this step."""
-        return self.lookup.get_current_querysets(self.depth)  # type: ignore[no-any-return]
+        querysets = self.lookup.get_current_querysets(self.depth)
+        return list(querysets) if querysets is not None else None
 
 
 def related_model_of(descriptor: Any) -> type[Model] | None:
     """The model a relation descriptor leads to, or ``None`` when not a known relation."""
+    target: Any = None
     if isinstance(descriptor, ForwardManyToOneDescriptor):
-        return descriptor.field.remote_field.model  # type: ignore[return-value]
-    if isinstance(descriptor, ReverseOneToOneDescriptor):
-        return descriptor.related.related_model  # type: ignore[return-value]
+        target = descriptor.field.remote_field.model
+    elif isinstance(descriptor, ReverseOneToOneDescriptor):
+        target = descriptor.related.related_model
     # ManyToManyDescriptor and the generic one subclass ReverseManyToOneDescriptor.
-    if isinstance(descriptor, ManyToManyDescriptor):
-        rel = descriptor.rel
-        return rel.related_model if descriptor.reverse else rel.model  # type: ignore[return-value]
-    if isinstance(descriptor, ReverseGenericManyToOneDescriptor):
-        return descriptor.field.related_model  # type: ignore[no-any-return]
-    if isinstance(descriptor, ReverseManyToOneDescriptor):
-        return descriptor.rel.related_model  # type: ignore[return-value]
-    return None
+    elif isinstance(descriptor, ManyToManyDescriptor):
+        rel: Any = descriptor.rel
+        target = rel.related_model if descriptor.reverse else rel.model
+    elif isinstance(descriptor, ReverseGenericManyToOneDescriptor):
+        target = descriptor.field.related_model
+    elif isinstance(descriptor, ReverseManyToOneDescriptor):
+        target = descriptor.rel.related_model
+    return cast("type[Model] | None", target)
 
 
 def _instance_attrs(queryset: Any) -> set[str]:
@@ -137,7 +139,7 @@ class Plan:
         self._by_name: dict[str, list[Level]] = {}
 
     def add_lookups(
-        self, lookups: Sequence[Prefetch], order: Order, parent: Level | None = None
+        self, lookups: Sequence[Prefetch[Any]], order: Order, parent: Level | None = None
     ) -> list[Level]:
         """Add normalised lookups in Django's processing order; return the new levels.
 
@@ -149,7 +151,7 @@ class Plan:
             created.extend(self._add_lookup(lookup, (*order, index), parent))
         return created
 
-    def _add_lookup(self, lookup: Prefetch, order: Order, start: Level | None) -> list[Level]:
+    def _add_lookup(self, lookup: Prefetch[Any], order: Order, start: Level | None) -> list[Level]:
         if lookup.prefetch_to in self.levels:
             if lookup.queryset is not None:
                 raise already_seen(lookup.prefetch_to)
@@ -163,7 +165,8 @@ class Plan:
             if level is None:
                 if start is not None and depth <= start.depth:
                     raise AssertionError(f"auto lookup {key!r} does not extend {start.key!r}")
-                to_attr, as_attr = lookup.get_current_to_attr(depth)
+                to_attr, as_attr_value = lookup.get_current_to_attr(depth)
+                as_attr = bool(as_attr_value)
                 model = self._check_step(lookup, depth, through_attr, to_attr, as_attr, parent)
                 level = Level(
                     key=key,
@@ -191,7 +194,7 @@ class Plan:
 
     def _check_step(
         self,
-        lookup: Prefetch,
+        lookup: Prefetch[Any],
         depth: int,
         through_attr: str,
         to_attr: str,
@@ -204,9 +207,7 @@ class Plan:
             instance_attrs = self.root_attrs
         else:
             model = parent.model
-            instance_attrs = _instance_attrs(
-                parent.lookup.queryset if parent.is_leaf else None
-            )
+            instance_attrs = _instance_attrs(parent.lookup.queryset if parent.is_leaf else None)
         if model is None:
             return None  # behind a property or generic foreign key: checked at run time
         is_last = depth == lookup.prefetch_through.count(LOOKUP_SEP)
@@ -236,6 +237,9 @@ class Plan:
         ]
 
 
-def normalize(lookups: Iterable[Any], prefix: str | None = None) -> list[Prefetch]:
+def normalize(lookups: Iterable[Any], prefix: str | None = None) -> list[Prefetch[Any]]:
     """Lookups as ``Prefetch`` objects in processing order (Django's normalisation)."""
-    return list(reversed(normalize_prefetch_lookups(reversed(list(lookups)), prefix)))
+    normalized: list[Prefetch[Any]] = normalize_prefetch_lookups(
+        list(reversed(list(lookups))), prefix
+    )
+    return list(reversed(normalized))

@@ -84,8 +84,7 @@ async def test_child_starts_after_its_parent_and_not_after_siblings() -> None:
 def test_sync_api_is_concurrent_too() -> None:
     seed_bookstore()
     lookups = [
-        Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"p{i}")
-        for i in range(4)
+        Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"p{i}") for i in range(4)
     ]
     started = time.perf_counter()
     books = async_prefetch.prefetch(Book.objects.order_by("pk"), *lookups)
