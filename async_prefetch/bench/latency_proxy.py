@@ -107,7 +107,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                     break
                 data = nxt[1]
                 chunks.append(data)
-            payload = b"".join(reversed(chunks))
+            payload = b"".join(chunks)
             if payload:
                 writer.write(payload)
                 await writer.drain()
