@@ -99,7 +99,17 @@ async def aprefetch(
         instances = await sync_to_async(_evaluate)(queryset)
         await aprefetch_related_objects(instances, *all_lookups)
         return instances
-    return await run_prefetch([], all_lookups, caller, root_queryset=queryset)  # type: ignore[return-value]
+    fetched: list[M] = await _run_async(
+        caller, queryset.db, _run_root, queryset, all_lookups, caller
+    )
+    return fetched
+
+
+async def _run_async(caller: CallerContext, alias: str, func: Any, *args: Any) -> Any:
+    """Run on the engine thread, or here inside the caller's ``atomic`` (its connection)."""
+    if caller.in_atomic(alias):
+        return await func(*args)
+    return await bridge.run_async(func, *args)
 
 
 async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup) -> None:
@@ -107,10 +117,12 @@ async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup
     instances = instances if isinstance(instances, list) else list(instances)
     if not instances:
         return
-    if not _engine_supports(_alias_of(instances)):
+    alias = _alias_of(instances)
+    if not _engine_supports(alias):
         await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
         return
-    await run_prefetch(instances, lookups, await _capture_async_caller())
+    caller = await _capture_async_caller()
+    await _run_async(caller, alias, run_prefetch, instances, lookups, caller)
 
 
 def prefetch(
@@ -154,6 +166,5 @@ def prefetch_related_objects(model_instances: Iterable[Model], *related_lookups:
 
 
 async def aclose() -> None:
-    """Close the pools of the running event loop and of the sync API's engine thread."""
-    await close_pools()
+    """Close the engine's connection pools (they reopen on next use; also done at exit)."""
     await anyio.to_thread.run_sync(bridge.on_engine_thread, close_pools)

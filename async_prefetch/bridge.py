@@ -1,4 +1,9 @@
-"""Run the engine from synchronous code on a dedicated event-loop thread."""
+"""The engine's own event-loop thread, where its pools live and its runs execute.
+
+Both APIs run the engine here: sync callers block on it (``run_sync``), async callers
+on any event loop await it (``run_async``) while their own loop stays free during
+hydration. One pool per alias serves every caller, and it is closed at exit.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import asyncio
 import atexit
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from django.core.exceptions import SynchronousOnlyOperation
 
@@ -49,6 +56,31 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     if threading.get_ident() == _portal_thread:
         raise RuntimeError("async_prefetch's sync API was called from inside the engine.")
     return portal.call(func, *args)
+
+
+async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Await ``func(*args)`` run on the engine's loop thread, from any asyncio loop.
+
+    Cancelling the caller cancels the engine task and waits (shielded) until it has
+    unwound, so the caller never sees instances the engine is still restoring.
+    """
+    portal = _get_portal()
+    finished: Future[None] = Future()
+
+    async def tracked() -> T:
+        try:
+            return await func(*args)
+        finally:
+            finished.set_result(None)
+
+    future = portal.start_task_soon(tracked)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wrap_future(finished)
+        raise
 
 
 def shutdown() -> None:

@@ -42,8 +42,10 @@ class RelationQuery:
     """What ``get_prefetch_querysets()`` returns, with the queryset left unevaluated.
 
     ``link_back(related_objects)`` writes the related objects' caches back to their
-    parents (what Django's builders do while evaluating); ``additional_lookups`` are
-    the ``prefetch_related()`` lookups found on the queryset, already removed from it.
+    parents: what Django's builders do while evaluating the queryset. Because they
+    evaluate it, the queryset's own ``prefetch_related()`` lookups run *before* those
+    writes there, so the engine runs ``additional_lookups`` (already removed from the
+    queryset) before ``link_back`` when ``link_back`` is set, and after otherwise.
     """
 
     queryset: QuerySet[Any]

@@ -12,18 +12,21 @@
 
 ``ASYNC_PREFETCH_EMBEDDED=pgserver`` or ``=binaries`` forces that source (``DATABASE_URL`` is then
 ignored); ``auto`` or unset means the order above. Embedded servers are stopped and their
-directories removed when the interpreter exits.
+directories removed when the interpreter exits: by ``atexit``, or, when the process ends without
+running it (``os._exit``, a signal), by a small watchdog process.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,10 +54,9 @@ logger = logging.getLogger("async_prefetch.embedded")
 ENV_SOURCE: Final = "ASYNC_PREFETCH_EMBEDDED"
 """Environment variable that forces a source: ``pgserver``, ``binaries`` or ``auto``."""
 
-DEBIAN_BINDIRS: Final = "/usr/lib/postgresql/*/bin"
+DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
 """Glob searched for PostgreSQL binaries when ``initdb`` is not on ``PATH``."""
 
-_URL_PARAMS: Final = ("host", "port", "user", "password", "dbname")
 _STARTUP_TIMEOUT: Final = 60.0
 _HELP: Final = (
     "Start one with `docker compose up -d` (docker-compose.yml in the repository root) and set "
@@ -121,11 +123,12 @@ def parse_database_url(url: str, *, source: str = "DATABASE_URL") -> ServerInfo:
 
     Query parameters ``host``, ``port``, ``user``, ``password`` and ``dbname`` override the URL's
     parts; other parameters end up in ``options``. ``user`` defaults to ``postgres`` and ``dbname``
-    to the user. Raises ``ValueError`` for another scheme or a malformed port.
+    to the user. Raises ``ValueError`` (without echoing the URL, which may hold a password) for
+    another scheme or a malformed port.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"not a PostgreSQL URL (scheme must be postgres or postgresql): {url!r}")
+        raise ValueError(f"URL scheme {parts.scheme!r} is not postgres or postgresql")
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     if hostport.startswith("["):
@@ -136,8 +139,8 @@ def parse_database_url(url: str, *, source: str = "DATABASE_URL") -> ServerInfo:
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     user = params.pop("user", unquote(user)) or "postgres"
     port = params.pop("port", port)
-    if port and not port.isdigit():
-        raise ValueError(f"invalid port {port!r} in {url!r}")
+    if port and not (port.isascii() and port.isdigit()):
+        raise ValueError(f"invalid port {port!r} in the URL")
     return ServerInfo(
         source=source,
         dbname=params.pop("dbname", unquote(parts.path.removeprefix("/"))) or user,
@@ -186,12 +189,7 @@ def start_server(source: str | None = None) -> RunningServer:
     if source == "pgserver":
         return _start_pgserver()
     if source == "binaries":
-        bindir = find_postgres_bindir()
-        if bindir is None:
-            raise RuntimeError(
-                f"no initdb/postgres binaries on PATH or in {DEBIAN_BINDIRS}. " + _HELP
-            )
-        return _start_binaries(bindir)
+        return _start_binaries(_require_bindir(""))
     if source != "auto":
         raise ValueError(f"{ENV_SOURCE}={source!r}: expected pgserver, binaries or auto")
     if os.environ.get("DATABASE_URL"):
@@ -202,13 +200,8 @@ def start_server(source: str | None = None) -> RunningServer:
         logger.info("pgserver is not installed; trying PostgreSQL binaries")
     except Exception:
         logger.warning("pgserver failed to start; trying PostgreSQL binaries", exc_info=True)
-    bindir = find_postgres_bindir()
-    if bindir is None:
-        raise RuntimeError(
-            "No PostgreSQL available: DATABASE_URL is not set, pgserver is not installed and "
-            f"no initdb/postgres binaries were found on PATH or in {DEBIAN_BINDIRS}. " + _HELP
-        )
-    return _start_binaries(bindir)
+    why = "No PostgreSQL available: DATABASE_URL is not set, pgserver is not available, and "
+    return _start_binaries(_require_bindir(why))
 
 
 _lock = threading.Lock()
@@ -246,19 +239,29 @@ def find_postgres_bindir() -> Path | None:
     return None
 
 
+def _require_bindir(why: str) -> Path:
+    bindir = find_postgres_bindir()
+    if bindir is None:
+        raise RuntimeError(
+            f"{why}no initdb/postgres binaries were found on PATH or in {DEBIAN_BINDIRS}. " + _HELP
+        )
+    return bindir
+
+
 def _start_pgserver() -> RunningServer:
     with warnings.catch_warnings():
         # platformdirs warns at pgserver's import when XDG_RUNTIME_DIR is unset (as in containers).
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-        import pgserver
+        from pgserver.postgres_server import get_server as get_pgserver
 
     tmp = Path(tempfile.mkdtemp(prefix="async_prefetch_pgserver_"))
     try:
-        server = pgserver.get_server(tmp, cleanup_mode="stop")
+        server = get_pgserver(tmp, cleanup_mode="stop")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     postmaster = server.get_postmaster_info()
+    disarm = _watchdog(postmaster.pid, tmp)
     info = ServerInfo(
         source="pgserver",
         dbname="postgres",
@@ -271,6 +274,7 @@ def _start_pgserver() -> RunningServer:
     def stop() -> None:
         server.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+        disarm()
 
     return RunningServer(info, tmp, stop)
 
@@ -296,6 +300,7 @@ def _start_binaries(bindir: Path) -> RunningServer:
     log_path = tmp / "postgres.log"
     info = ServerInfo("binaries", "postgres", "postgres", "", str(tmp), 5432)
     process: subprocess.Popen[bytes] | None = None
+    disarm: Callable[[], None] | None = None
 
     def stop() -> None:
         if process is not None and process.poll() is None:
@@ -306,6 +311,8 @@ def _start_binaries(bindir: Path) -> RunningServer:
                 process.kill()
                 process.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+        if disarm is not None:
+            disarm()
 
     try:
         initdb = subprocess.run(
@@ -333,6 +340,7 @@ def _start_binaries(bindir: Path) -> RunningServer:
                 stderr=subprocess.STDOUT,
                 **run_as,
             )
+        disarm = _watchdog(process.pid, tmp)
         _wait_until_ready(info, process, log_path)
     except BaseException:
         stop()
@@ -353,3 +361,53 @@ def _wait_until_ready(info: ServerInfo, process: subprocess.Popen[bytes], log: P
             time.sleep(0.05)
         else:
             return
+
+
+_WATCHDOG: Final = """\
+import os, shutil, signal, sys, time
+pid, directory = int(sys.argv[1]), sys.argv[2]
+
+def running():
+    os.kill(pid, 0)  # ProcessLookupError once it is gone
+    try:  # an exited process nobody has reaped yet is a zombie: gone too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+if sys.stdin.buffer.read():  # a message: the owner stopped the server itself
+    sys.exit()
+try:  # EOF alone: the owner died (os._exit, SIGKILL, ...) with the server still running
+    os.kill(pid, signal.SIGINT)  # fast shutdown
+    deadline = time.monotonic() + 15
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if running():
+        os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+shutil.rmtree(directory, ignore_errors=True)
+"""
+
+
+def _watchdog(postmaster_pid: int, directory: Path) -> Callable[[], None]:
+    """Start a process that stops ``postmaster_pid`` and removes ``directory`` if this process
+    ends without stopping the server (atexit does not run on ``os._exit``, which mypy uses, nor on
+    signals). Returns the function that tells the watchdog the server was stopped cleanly."""
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(postmaster_pid), str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives signals sent to this process group
+    )
+    pipe = watchdog.stdin
+    assert pipe is not None
+
+    def disarm() -> None:
+        with contextlib.suppress(BrokenPipeError):
+            pipe.write(b"stopped")
+            pipe.close()
+        watchdog.wait()
+
+    return disarm

@@ -9,10 +9,11 @@ remaining fetches and restores every pre-existing instance from the journal.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,6 +36,8 @@ from .journal import Journal
 from .planner import Level, Plan, cannot_find, normalize, not_prefetchable, to_attr_conflict
 
 __all__ = ["CallerContext", "run_prefetch"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class _Run:
         self._roots: list[Model] = []
         self._pending = 0
         self._deferred: list[Level] = []
+        self._atomic = False
         self._tg: TaskGroup
         self._send: MemoryObjectSendStream[tuple[_Fetch, Any]]
 
@@ -103,6 +107,8 @@ class _Run:
         self, instances: list[Model], lookups: Sequence[Any], root_queryset: QuerySet[Any] | None
     ) -> list[Model]:
         normalized = normalize(lookups)
+        alias = root_queryset.db if root_queryset is not None else _alias_of(instances)
+        self._atomic = self._caller.in_atomic(alias)
         if root_queryset is not None:
             self._plan = Plan(root_queryset.model, _root_query_attrs(root_queryset))
             self._plan.add_lookups(normalized, ())
@@ -180,15 +186,20 @@ class _Run:
 
     async def _start(self, level: Level, obj_list: list[Any]) -> None:
         """One step of Django's ``prefetch_related_objects`` loop for ``level``."""
-        if not obj_list:
-            await self._finish(level, None)
-            return
-        if not self._prepare(obj_list):
-            await self._finish(level, None)
-            return
+        step = await self._sync_or_thread(self._decide, level, obj_list)
+        if isinstance(step, _Fetch):
+            self._pending += 1
+            self._tg.start_soon(self._fetch, step)
+        else:
+            await self._finish(level, step)
+
+    def _decide(self, level: Level, obj_list: list[Any]) -> _Fetch | list[Any] | None:
+        """Fetch (a ``_Fetch`` to run), walk (the next objects) or stop (``None``)."""
+        if not obj_list or not self._prepare(obj_list):
+            return None
         first_obj = obj_list[0]
-        prefetcher, descriptor, attr_found, is_fetched = await _sync_or_thread(
-            get_prefetcher, first_obj, level.through_attr, level.to_attr
+        prefetcher, descriptor, attr_found, is_fetched = get_prefetcher(
+            first_obj, level.through_attr, level.to_attr
         )
         if not attr_found:
             raise cannot_find(
@@ -196,17 +207,18 @@ class _Run:
             )
         if level.terminal_for and prefetcher is None:
             raise not_prefetchable(level.terminal_for[0].prefetch_through)
-        obj_to_fetch = None
         if prefetcher is not None:
-            obj_to_fetch = [obj for obj in obj_list if not is_fetched(obj)]
-        if obj_to_fetch:
-            self._begin_fetch(level, prefetcher, descriptor, obj_to_fetch)
-        else:
-            # Already fetched (select_related, an earlier lookup) or not a relation at
-            # all (a property): walk on through the attribute's values.
-            await self._finish(
-                level, await _sync_or_thread(_traverse, obj_list, level.through_attr)
-            )
+            fetched: Callable[[Any], bool] = is_fetched  # type: ignore[assignment]
+            obj_to_fetch = [obj for obj in obj_list if not fetched(obj)]
+            if obj_to_fetch:
+                relation = build_relation_query(
+                    descriptor, prefetcher, obj_to_fetch, level.querysets()
+                )
+                compiled = compile_queryset(relation.queryset) if relation is not None else None
+                return _Fetch(level, obj_to_fetch, relation, compiled, prefetcher)
+        # Already fetched (select_related, an earlier lookup) or not a relation at all
+        # (a property): walk on through the attribute's values.
+        return _traverse(obj_list, level.through_attr)
 
     def _prepare(self, obj_list: list[Any]) -> bool:
         for obj in obj_list:
@@ -221,29 +233,18 @@ class _Run:
 
     # -- fetching ------------------------------------------------------------------
 
-    def _begin_fetch(
-        self, level: Level, prefetcher: Any, descriptor: Any, instances: list[Model]
-    ) -> None:
-        relation = build_relation_query(descriptor, prefetcher, instances, level.querysets())
-        compiled = compile_queryset(relation.queryset) if relation is not None else None
-        fetch = _Fetch(level, instances, relation, compiled, prefetcher)
-        self._pending += 1
-        self._tg.start_soon(self._fetch, fetch)
-
     async def _fetch(self, fetch: _Fetch) -> None:
         payload: Any
         if fetch.compiled is not None:
             compiled = fetch.compiled
             payload = await self._fetch_rows(compiled) if compiled.sql is not None else []
         else:
-            args = (fetch.prefetcher, fetch.instances, fetch.level.querysets())
-            if self._caller.in_atomic(fetch.instances[0]._state.db or DEFAULT_DB_ALIAS):
-                # The caller's thread holds the transaction: Django runs there.
-                payload = await sync_to_async(_django_prefetch_querysets)(*args)
-            else:
-                payload = await anyio.to_thread.run_sync(
-                    _django_prefetch_querysets, *args, abandon_on_cancel=False
-                )
+            payload = await self._call_django(
+                _django_prefetch_querysets,
+                fetch.prefetcher,
+                fetch.instances,
+                fetch.level.querysets(),
+            )
         await self._send.send((fetch, payload))
 
     async def _fetch_rows(self, compiled: CompiledQuery) -> list[tuple[Any, ...]]:
@@ -273,15 +274,18 @@ class _Run:
         if fetch.relation is not None:
             assert fetch.compiled is not None
             relation = fetch.relation
-            related = hydrate(fetch.compiled, payload)
-            self._journal.mark_created(related)
-            if relation.link_back is not None:
-                relation.link_back(related)
+            related = await self._sync_or_thread(hydrate, fetch.compiled, payload)
+            if relation.link_back is not None and relation.additional_lookups:
+                # Django's builder evaluated the queryset, its prefetches included,
+                # before writing the reverse caches (which skip cached relations).
+                await _Run(self._caller).execute(related, relation.additional_lookups, None)
+                relation.additional_lookups = [
+                    copy.copy(lookup) for lookup in relation.additional_lookups
+                ]
         else:
-            relation, related = payload.relation, payload.related
-            self._journal.mark_created(related)
-            self._report_delegated(payload.queries)
-        self._assign(level, fetch.instances, relation, related)
+            relation, related = payload
+        self._journal.mark_created(related)
+        await self._sync_or_thread(self._link_and_assign, level, fetch.instances, relation, related)
         if relation.additional_lookups:
             auto = normalize(relation.additional_lookups, level.key)
             # Django runs these right after the current lookup, before the next one,
@@ -290,11 +294,46 @@ class _Run:
             self._plan.add_lookups(auto, order, parent=level)
         await self._finish(level, related)
 
-    def _report_delegated(self, queries: dict[str, list[dict[str, str]]]) -> None:
+    def _link_and_assign(
+        self, level: Level, instances: list[Model], relation: RelationQuery, related: list[Model]
+    ) -> None:
+        """Reverse caches on the related objects, then the parents' caches.
+
+        Key functions may read deferred fields (one query each, as in Django), so
+        this may run on a worker thread; repeating it after a partial run is harmless.
+        """
+        if relation.link_back is not None:
+            relation.link_back(related)
+        self._assign(level, instances, relation, related)
+
+    async def _call_django(self, func: Callable[..., T], *args: Any) -> T:
+        """Run synchronous Django code that may query, without blocking the event loop.
+
+        Inside the caller's ``atomic`` it runs on the caller's thread (whose
+        connection holds the transaction and logs the queries itself); otherwise on a
+        worker thread whose queries are reported to the caller's connections.
+        """
+        if self._atomic:
+            return await sync_to_async(func, thread_sensitive=True)(*args)
+        result, queries = await anyio.to_thread.run_sync(
+            _logging_queries, func, *args, abandon_on_cancel=False
+        )
         for alias, entries in queries.items():
             connection = self._caller.connections.get(alias)
             if connection is not None and connection.queries_logged:
                 connection.queries_log.extend(entries)
+        return result
+
+    async def _sync_or_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """Call ``func`` here; if it needs the database (a property), via ``_call_django``.
+
+        The hydrating task waits meanwhile, so the instances are still touched by one
+        thread at a time.
+        """
+        try:
+            return func(*args)
+        except SynchronousOnlyOperation:
+            return await self._call_django(func, *args)
 
     def _assign(
         self, level: Level, instances: list[Model], relation: RelationQuery, related: list[Model]
@@ -345,6 +384,10 @@ class _Run:
                 obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
 
 
+def _alias_of(instances: list[Model]) -> str:
+    return (instances[0]._state.db if instances else None) or DEFAULT_DB_ALIAS
+
+
 def _root_query_attrs(queryset: QuerySet[Any]) -> set[str]:
     query = queryset.query
     return set(query.annotations) | set(query.extra_select)
@@ -377,34 +420,13 @@ def _traverse(obj_list: list[Any], through_attr: str) -> list[Any]:
     return new_obj_list
 
 
-async def _sync_or_thread(func: Any, *args: Any) -> Any:
-    """Call ``func`` here; if it needs the database (a property), call it on a worker thread.
+def _logging_queries(
+    func: Callable[..., T], *args: Any
+) -> tuple[T, dict[str, list[dict[str, str]]]]:
+    """Call ``func`` on this worker thread and return the queries its connections ran.
 
-    The hydrating task waits meanwhile, so the instances are still touched by one
-    thread at a time.
-    """
-    try:
-        return func(*args)
-    except SynchronousOnlyOperation:
-        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=False)
-
-
-@dataclass
-class _Delegated:
-    """What Django's own implementation fetched on a worker thread, and the queries it ran."""
-
-    relation: RelationQuery
-    related: list[Model]
-    queries: dict[str, list[dict[str, str]]]
-
-
-def _django_prefetch_querysets(
-    prefetcher: Any, instances: list[Model], querysets: list[Any] | None
-) -> _Delegated:
-    """Run Django's own builder and query for a relation kind without a native builder.
-
-    Runs on a worker thread with that thread's Django connections; their query logs are
-    captured so the caller's connection can report them.
+    The thread's connections are closed afterwards unless still usable and young
+    (``close_old_connections``), as at the end of a Django request.
     """
     from django.db import close_old_connections, connections
 
@@ -413,16 +435,23 @@ def _django_prefetch_querysets(
     for conn in handlers:
         conn.force_debug_cursor = True
     try:
-        rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
-            prefetcher.get_prefetch_querysets(instances, querysets)
-        )
-        additional = take_additional_lookups(rel_qs)
-        related = list(rel_qs)
+        result = func(*args)
         queries = {conn.alias: list(conn.queries_log)[start:] for conn, _, start in marks}
     finally:
         for conn, forced, _ in marks:
             conn.force_debug_cursor = forced
         close_old_connections()
+    return result, queries
+
+
+def _django_prefetch_querysets(
+    prefetcher: Any, instances: list[Model], querysets: list[Any] | None
+) -> tuple[RelationQuery, list[Model]]:
+    """Django's own builder and query, for relation kinds without a native builder."""
+    rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
+        prefetcher.get_prefetch_querysets(instances, querysets)
+    )
+    additional = take_additional_lookups(rel_qs)
     relation = RelationQuery(
         rel_qs,
         rel_obj_attr,
@@ -432,7 +461,7 @@ def _django_prefetch_querysets(
         is_descriptor,
         additional_lookups=additional,
     )
-    return _Delegated(relation, related, queries)
+    return relation, list(rel_qs)
 
 
 def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -65,9 +65,13 @@ def _new_pool(alias: str, config: PoolConfig) -> AsyncConnectionPool:
 
 
 async def get_pool(alias: str) -> AsyncConnectionPool:
-    """The open pool for ``alias`` on the running event loop, created on first use."""
-    loop = asyncio.get_running_loop()
-    by_alias = _pools.setdefault(loop, {})
+    """The open pool for ``alias`` on the running event loop, created on first use.
+
+    The engine only calls this on its own loop thread (see :mod:`async_prefetch.bridge`):
+    psycopg_pool's background tasks swallow cancellation, so a pool left open on a
+    loop that shuts down can hang ``asyncio.run()`` or leak its connections.
+    """
+    by_alias = _pools.setdefault(asyncio.get_running_loop(), {})
     pool = by_alias.get(alias)
     if pool is None:
         pool = by_alias[alias] = _new_pool(alias, load_config().pool)

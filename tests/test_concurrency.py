@@ -33,7 +33,8 @@ def slow(queryset: QuerySet[Any], seconds: float = SLEEP) -> QuerySet[Any]:
 def start_of(objects: list[Any]) -> datetime:
     starts = {obj.started_at for obj in objects}
     assert len(starts) == 1, "one query per relation"
-    return starts.pop()
+    start: datetime = starts.pop()
+    return start
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ async def test_five_sleeping_siblings_run_at_once() -> None:
 @pytest.mark.django_db(transaction=True)
 async def test_child_starts_after_its_parent_and_not_after_siblings() -> None:
     await sync_seed()
-    books = await async_prefetch.aprefetch(
+    books: list[Any] = await async_prefetch.aprefetch(
         Book.objects.order_by("pk"),
         Prefetch("authors", queryset=slow(Author.objects.all()), to_attr="slow_authors"),
         Prefetch("slow_authors__location", queryset=slow(Location.objects.all())),

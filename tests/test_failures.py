@@ -41,6 +41,10 @@ async def settle_pool() -> int:
     return checked_out(pool_stats())
 
 
+def fresh_books() -> list[Any]:
+    return list(Book.objects.order_by("pk"))
+
+
 def sleepers() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -59,7 +63,7 @@ def anyio_backend() -> str:
 @pytest.mark.django_db(transaction=True)
 def test_sync_failure_restores_instances_and_pool() -> None:
     seed_bookstore()
-    books = list(Book.objects.select_related("publisher").order_by("pk"))
+    books: list[Any] = list(Book.objects.select_related("publisher").order_by("pk"))
     before = snapshot(books, FAST)
     dicts_before = [dict(b.__dict__) for b in books]
 
@@ -79,12 +83,12 @@ def test_sync_failure_restores_instances_and_pool() -> None:
 @pytest.mark.django_db(transaction=True)
 async def test_async_failure_restores_instances_and_pool() -> None:
     await sync_to_async(seed_bookstore)()
-    books: list[Any] = await sync_to_async(list)(Book.objects.order_by("pk"))
+    books: list[Any] = await sync_to_async(fresh_books)()
     with pytest.raises(DataError):
         await async_prefetch.aprefetch_related_objects(books, *FAST, FAILING)
     assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
     assert not any(hasattr(b, "boom_reviews") for b in books)
-    assert await settle_pool() == 0
+    assert await bridge.run_async(settle_pool) == 0
     await async_prefetch.aclose()
 
 
@@ -92,7 +96,7 @@ async def test_async_failure_restores_instances_and_pool() -> None:
 @pytest.mark.django_db(transaction=True)
 async def test_cancellation_restores_instances_and_pool() -> None:
     await sync_to_async(seed_bookstore)()
-    books: list[Any] = await sync_to_async(list)(Book.objects.order_by("pk"))
+    books: list[Any] = await sync_to_async(fresh_books)()
     sleeping = Prefetch(
         "reviews",
         queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
@@ -102,7 +106,7 @@ async def test_cancellation_restores_instances_and_pool() -> None:
         await async_prefetch.aprefetch_related_objects(books, *FAST, sleeping)
     assert scope.cancelled_caught
     assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
-    assert await settle_pool() == 0
+    assert await bridge.run_async(settle_pool) == 0
     # psycopg cancels the query in the server too: nothing keeps sleeping there.
     for _ in range(60):
         if not await sync_to_async(sleepers)():

@@ -20,7 +20,7 @@ from tests.testapp.models import Book, Page
 SIBLINGS = 4
 
 
-def sleeping_lookups() -> list[Prefetch]:
+def sleeping_lookups() -> list[Prefetch[Any]]:
     return [
         Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"pages_{i}")
         for i in range(SIBLINGS)

@@ -113,7 +113,7 @@ class Tagging(models.Model):
     weight = models.IntegerField(default=0)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["book", "tag"], name="uniq_tagging")]
+        constraints = (models.UniqueConstraint(fields=("book", "tag"), name="uniq_tagging"),)
 
 
 class Page(models.Model):
@@ -122,7 +122,7 @@ class Page(models.Model):
     text = models.TextField(default="")
 
     class Meta:
-        ordering = ["number", "id"]
+        ordering = ("number", "id")
 
 
 class VisibleReviewManager(models.Manager["Review"]):

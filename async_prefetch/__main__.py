@@ -1,0 +1,37 @@
+"""``python -m async_prefetch COMMAND [ARGS...]``.
+
+Each command is a module of this package with a ``main(argv) -> int``; it is imported only when
+run, so a command's dependencies (Django settings, extras) never load for another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("async_prefetch.demo", "seed a bookstore and fetch one page with prefetch_related"),
+    # "bench" is added here with its module.
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to ``COMMANDS[command]``'s ``main`` with the remaining arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m async_prefetch",
+        description="async_prefetch command line tools.",
+        epilog="commands:\n" + "\n".join(f"  {n:<8}{h}" for n, (_, h) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the command")
+    ns = parser.parse_args(argv)
+    command_main = import_module(COMMANDS[ns.command][0]).main
+    result: int = command_main(ns.args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

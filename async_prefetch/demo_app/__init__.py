@@ -1,0 +1,1 @@
+"""The bookstore schema used by ``python -m async_prefetch demo``."""

@@ -1,0 +1,39 @@
+"""Shared fixtures. The database server itself is started by tests/settings.py, once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from async_prefetch import bridge
+from tests.factories import seed_bookstore
+from tests.testapp.models import Author, Book, EBook
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engine_shutdown(django_db_setup: None) -> Iterator[None]:
+    """Close the engine's pools before pytest-django drops the test database."""
+    yield
+    bridge.shutdown()
+
+
+@dataclass(frozen=True)
+class Bookstore:
+    """Primary keys of the rows :func:`tests.factories.seed_bookstore` created, in pk order."""
+
+    book_ids: list[int]
+    author_ids: list[int]
+    ebook_id: int
+
+
+@pytest.fixture
+def bookstore(db: None) -> Bookstore:
+    """``seed_bookstore()`` with the defaults; works with ``django_db(transaction=True)`` too."""
+    seed_bookstore()
+    return Bookstore(
+        book_ids=list(Book.objects.order_by("pk").values_list("pk", flat=True)),
+        author_ids=list(Author.objects.order_by("pk").values_list("pk", flat=True)),
+        ebook_id=EBook.objects.get().pk,
+    )
