@@ -33,7 +33,15 @@ from .config import load_config
 from .executor import CallerConnectionExecutor, Executor, PoolExecutor
 from .hydrator import hydrate
 from .journal import Journal
-from .planner import Level, Plan, cannot_find, normalize, not_prefetchable, to_attr_conflict
+from .planner import (
+    Level,
+    Plan,
+    already_seen,
+    cannot_find,
+    normalize,
+    not_prefetchable,
+    to_attr_conflict,
+)
 
 __all__ = ["CallerContext", "run_prefetch"]
 
@@ -110,19 +118,15 @@ class _Run:
         alias = root_queryset.db if root_queryset is not None else _alias_of(instances)
         self._atomic = self._caller.in_atomic(alias)
         if root_queryset is not None:
-            self._plan = Plan(root_queryset.model, _root_query_attrs(root_queryset))
-            self._plan.add_lookups(normalized, ())
             compiled = compile_queryset(root_queryset)
             rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
             instances = hydrate(compiled, rows)
             self._journal.mark_created(instances)
-        else:
-            if not instances:
-                return instances
-            first = instances[0]
-            self._plan = Plan(type(first), getattr(first, "__dict__", {}))
-            self._plan.add_lookups(normalized, ())
-        if not instances or not self._plan.roots:
+        if not instances:
+            return instances
+        self._plan = Plan(instances[0])
+        self._plan.add_lookups(normalized, ())
+        if not self._plan.roots:
             return instances
         self._roots = instances
         try:
@@ -211,6 +215,12 @@ class _Run:
             fetched: Callable[[Any], bool] = is_fetched  # type: ignore[assignment]
             obj_to_fetch = [obj for obj in obj_list if not fetched(obj)]
             if obj_to_fetch:
+                if level.requeried:
+                    # Django would fetch this path, then reject the later queryset.
+                    raise already_seen(level.key)
+                if level.as_attr:
+                    # Django checks this after the query; the outcome is the same.
+                    _check_to_attr(type(obj_to_fetch[0]), level.to_attr)
                 relation = build_relation_query(
                     descriptor, prefetcher, obj_to_fetch, level.querysets()
                 )
@@ -285,6 +295,9 @@ class _Run:
         else:
             relation, related = payload
         self._journal.mark_created(related)
+        level.fetched = True
+        if level.requeried:
+            raise already_seen(level.key)
         await self._sync_or_thread(self._link_and_assign, level, fetch.instances, relation, related)
         if relation.additional_lookups:
             auto = normalize(relation.additional_lookups, level.key)
@@ -345,14 +358,6 @@ class _Run:
             rel_obj_cache.setdefault(rel_obj_attr(rel_obj), []).append(rel_obj)
         lookup = level.lookup
         to_attr, as_attr = level.to_attr, level.as_attr
-        if as_attr and instances:
-            model = instances[0].__class__
-            try:
-                model._meta.get_field(to_attr)
-            except exceptions.FieldDoesNotExist:
-                pass
-            else:
-                raise to_attr_conflict(to_attr, model)
         leaf_queryset: Any = lookup.queryset if level.is_leaf else None
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
@@ -388,9 +393,12 @@ def _alias_of(instances: list[Model]) -> str:
     return (instances[0]._state.db if instances else None) or DEFAULT_DB_ALIAS
 
 
-def _root_query_attrs(queryset: QuerySet[Any]) -> set[str]:
-    query = queryset.query
-    return set(query.annotations) | set(query.extra_select)
+def _check_to_attr(model: type[Model], to_attr: str) -> None:
+    try:
+        model._meta.get_field(to_attr)
+    except exceptions.FieldDoesNotExist:
+        return
+    raise to_attr_conflict(to_attr, model)
 
 
 def _skip_descendants(level: Level) -> None:

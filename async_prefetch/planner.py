@@ -8,27 +8,22 @@ attribute name are additionally ordered as Django's serial loop orders them, so 
 lookup sees the caches an earlier lookup filled (for example ``authors`` and
 ``pages__book__authors``).
 
-Bad lookups raise Django's exceptions, with Django's messages, while the plan is
-built: before any query is sent. Errors Django can only see on instances (attributes
-behind properties or generic foreign keys) are raised when the level runs.
+Bad lookups raise Django's exceptions with Django's messages. Errors in a lookup's
+first step are raised while the plan is built, before any prefetch query is sent.
+Errors that depend on the data are raised when the step runs, as in Django: Django
+never checks a step that has no objects (``publisher__bogus`` on books without
+publishers is no error there), and a ``Prefetch`` queryset for a path planned earlier
+is an error only once that path has actually been fetched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from django.contrib.contenttypes.fields import ReverseGenericManyToOneDescriptor
-from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Model, Prefetch
 from django.db.models.constants import LOOKUP_SEP
-from django.db.models.fields.related_descriptors import (
-    ForwardManyToOneDescriptor,
-    ManyToManyDescriptor,
-    ReverseManyToOneDescriptor,
-    ReverseOneToOneDescriptor,
-)
 from django.db.models.query import normalize_prefetch_lookups
 from django.db.models.query_utils import DeferredAttribute
 
@@ -76,10 +71,11 @@ class Level:
     lookup: Prefetch[Any]  # the first lookup to reach this step: its querysets apply
     order: tuple[Order, int]  # position in Django's serial processing order
     parent: Level | None
-    model: type[Model] | None  # model of the objects this step yields, when known statically
     terminal_for: list[Prefetch[Any]] = field(default_factory=list)
     children: list[Level] = field(default_factory=list)
     done: bool = False
+    fetched: bool = False  # ran a query (Django records it in ``done_queries``)
+    requeried: bool = False  # a later lookup gave this path a queryset of its own
     result: list[Any] = field(default_factory=list)
 
     @property
@@ -102,38 +98,11 @@ class Level:
         return list(querysets) if querysets is not None else None
 
 
-def related_model_of(descriptor: Any) -> type[Model] | None:
-    """The model a relation descriptor leads to, or ``None`` when not a known relation."""
-    target: Any = None
-    if isinstance(descriptor, ForwardManyToOneDescriptor):
-        target = descriptor.field.remote_field.model
-    elif isinstance(descriptor, ReverseOneToOneDescriptor):
-        target = descriptor.related.related_model
-    # ManyToManyDescriptor and the generic one subclass ReverseManyToOneDescriptor.
-    elif isinstance(descriptor, ManyToManyDescriptor):
-        rel: Any = descriptor.rel
-        target = rel.related_model if descriptor.reverse else rel.model
-    elif isinstance(descriptor, ReverseGenericManyToOneDescriptor):
-        target = descriptor.field.related_model
-    elif isinstance(descriptor, ReverseManyToOneDescriptor):
-        target = descriptor.rel.related_model
-    return cast("type[Model] | None", target)
-
-
-def _instance_attrs(queryset: Any) -> set[str]:
-    """Attribute names a queryset sets on its instances beyond the model's own."""
-    if queryset is None:
-        return set()
-    query = queryset.query
-    return set(query.annotations) | set(query.extra_select)
-
-
 class Plan:
     """The graph of levels for one prefetch run; grows when auto lookups are found."""
 
-    def __init__(self, root_model: type[Model], root_attrs: Iterable[str] = ()) -> None:
-        self.root_model = root_model
-        self.root_attrs = set(root_attrs)
+    def __init__(self, first_instance: Any) -> None:
+        self.first_instance = first_instance
         self.levels: dict[str, Level] = {}
         self.roots: list[Level] = []
         self._by_name: dict[str, list[Level]] = {}
@@ -152,9 +121,14 @@ class Plan:
         return created
 
     def _add_lookup(self, lookup: Prefetch[Any], order: Order, start: Level | None) -> list[Level]:
-        if lookup.prefetch_to in self.levels:
+        seen = self.levels.get(lookup.prefetch_to)
+        if seen is not None:
             if lookup.queryset is not None:
-                raise already_seen(lookup.prefetch_to)
+                # Django raises only if the path was actually fetched (its
+                # ``done_queries``): an empty or already-cached level is no error.
+                seen.requeried = True
+                if seen.fetched:
+                    raise already_seen(lookup.prefetch_to)
             return []
         through_attrs = lookup.prefetch_through.split(LOOKUP_SEP)
         created: list[Level] = []
@@ -166,18 +140,17 @@ class Plan:
                 if start is not None and depth <= start.depth:
                     raise AssertionError(f"auto lookup {key!r} does not extend {start.key!r}")
                 to_attr, as_attr_value = lookup.get_current_to_attr(depth)
-                as_attr = bool(as_attr_value)
-                model = self._check_step(lookup, depth, through_attr, to_attr, as_attr, parent)
+                if parent is None:
+                    self._check_first_step(lookup, through_attr)
                 level = Level(
                     key=key,
                     through_attr=through_attr,
                     to_attr=to_attr,
-                    as_attr=as_attr,
+                    as_attr=bool(as_attr_value),
                     depth=depth,
                     lookup=lookup,
                     order=(order, depth),
                     parent=parent,
-                    model=model,
                 )
                 self.levels[key] = level
                 for name in level.names:
@@ -192,40 +165,19 @@ class Plan:
         parent.terminal_for.append(lookup)
         return created
 
-    def _check_step(
-        self,
-        lookup: Prefetch[Any],
-        depth: int,
-        through_attr: str,
-        to_attr: str,
-        as_attr: bool,
-        parent: Level | None,
-    ) -> type[Model] | None:
-        """Raise Django's error for a step that is invalid on a statically known model."""
-        if parent is None:
-            model: type[Model] | None = self.root_model
-            instance_attrs = self.root_attrs
-        else:
-            model = parent.model
-            instance_attrs = _instance_attrs(parent.lookup.queryset if parent.is_leaf else None)
-        if model is None:
-            return None  # behind a property or generic foreign key: checked at run time
-        is_last = depth == lookup.prefetch_through.count(LOOKUP_SEP)
-        descriptor = getattr(model, through_attr, None)
-        if descriptor is None:
-            if through_attr in instance_attrs or through_attr in self.levels:
-                return None
-            raise cannot_find(through_attr, model.__name__, lookup.prefetch_through)
-        if is_last and isinstance(descriptor, DeferredAttribute):
+    def _check_first_step(self, lookup: Prefetch[Any], through_attr: str) -> None:
+        """Raise Django's error for a first step that is invalid on the first instance.
+
+        Django always reaches the first step (the instances are not empty), so these
+        errors are certain before any query. Deeper steps depend on the data (an empty
+        level is never checked), so they are checked when they run, as Django does.
+        """
+        first = self.first_instance
+        descriptor = getattr(type(first), through_attr, None)
+        if descriptor is None and not hasattr(first, through_attr):
+            raise cannot_find(through_attr, type(first).__name__, lookup.prefetch_through)
+        if LOOKUP_SEP not in lookup.prefetch_through and isinstance(descriptor, DeferredAttribute):
             raise not_prefetchable(lookup.prefetch_through)
-        if as_attr:
-            try:
-                model._meta.get_field(to_attr)
-            except FieldDoesNotExist:
-                pass
-            else:
-                raise to_attr_conflict(to_attr, model)
-        return related_model_of(descriptor)
 
     def blockers(self, level: Level) -> list[Level]:
         """Unfinished levels Django would run before ``level`` that touch the same names."""
