@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
+    "RunTrace",
     "aclose",
     "aprefetch",
     "aprefetch_related_objects",
     "install",
     "prefetch",
     "prefetch_related_objects",
+    "tracing",
     "uninstall",
 ]
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
         prefetch_related_objects,
     )
     from .patching import install, uninstall
+    from .trace import RunTrace, tracing
 
 _LAZY = {
     "FallbackWarning": "api",
@@ -42,6 +45,8 @@ _LAZY = {
     "prefetch_related_objects": "api",
     "install": "patching",
     "uninstall": "patching",
+    "tracing": "trace",
+    "RunTrace": "trace",
 }
 
 

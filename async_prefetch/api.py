@@ -16,6 +16,7 @@ from django.db.models.query import ModelIterable
 from . import bridge
 from .engine import CallerContext, run_prefetch
 from .pools import close_pools
+from .trace import current_trace
 
 M = TypeVar("M", bound=Model)
 Lookup: TypeAlias = "str | Prefetch[Any]"
@@ -66,7 +67,7 @@ async def _capture_async_caller() -> CallerContext:
     Under ``async_to_sync`` (Django's async test cases, sync middleware) that is the
     outer thread, whose connection may hold an ``atomic`` block.
     """
-    return await sync_to_async(CallerContext.capture, thread_sensitive=True)()
+    return await sync_to_async(CallerContext.capture, thread_sensitive=True)(current_trace())
 
 
 def _split(

@@ -1,16 +1,22 @@
 """``python -m async_prefetch demo``: fetch one realistic page of a seeded bookstore.
 
 :func:`main` starts (or finds) PostgreSQL with :func:`async_prefetch.embedded.get_server`,
-configures Django for :mod:`async_prefetch.demo_app`, seeds it once, and reports what
-:func:`run_django_side` measured.
+configures Django for :mod:`async_prefetch.demo_app`, seeds it once, then fetches the
+same page with Django's ``prefetch_related`` (:func:`run_django_side`) and with
+``aprefetch`` (:func:`run_engine_side`), prints the engine's plan (which lookups ran
+together), queries and wall times, and checks that both results are identical.
+``--rtt-ms`` puts a latency proxy between Python and PostgreSQL, as a network would.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime
 import logging
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +32,7 @@ from django.db import connection
 from django.db.models import Prefetch, QuerySet
 from django.test.utils import CaptureQueriesContext
 
+import async_prefetch
 from async_prefetch.embedded import ServerInfo, get_server
 
 if TYPE_CHECKING:
@@ -43,14 +50,18 @@ class DemoResult:
     queries: int
     seconds: float
     sample: list[str]
+    signature: list[tuple[object, ...]]
+    plan: str = ""
 
 
-def configure_django(server: ServerInfo) -> None:
-    """Point Django at ``server`` (unless settings are already configured) and create the
-    demo tables. Raises ``RuntimeError`` if configured settings lack the demo app."""
+def configure_django(server: ServerInfo, proxy: tuple[str, int] | None = None) -> None:
+    """Point Django at ``server`` (through ``proxy``, a TCP host and port, if given; unless
+    settings are already configured) and create the demo tables. Raises ``RuntimeError``
+    if configured settings lack the demo app."""
     if not settings.configured:
+        overrides = {"HOST": proxy[0], "PORT": str(proxy[1])} if proxy else {}
         settings.configure(
-            DATABASES={"default": server.django_database()},
+            DATABASES={"default": server.django_database(**overrides)},
             INSTALLED_APPS=["django.contrib.contenttypes", DEMO_APP],
             USE_TZ=True,
             TIME_ZONE="UTC",
@@ -215,6 +226,21 @@ def describe(book: Book) -> str:
     )
 
 
+def signature(books: Sequence[Book]) -> list[tuple[object, ...]]:
+    """Everything the page shows, by primary key and in order: equal pages, equal lists."""
+    return [
+        (
+            b.pk,
+            b.publisher.pk,
+            tuple((a.pk, a.location.pk if a.location else None) for a in b.authors.all()),
+            tuple(t.pk for t in b.tags.all()),
+            tuple(p.pk for p in b.pages.all()),
+            tuple(r.pk for r in b.good_reviews),  # type: ignore[attr-defined]
+        )
+        for b in books
+    ]
+
+
 def run_django_side(page_size: int = 50) -> DemoResult:
     """Fetch the page with Django's own ``prefetch_related`` (after a warm-up connect)."""
     connection.ensure_connection()
@@ -228,7 +254,43 @@ def run_django_side(page_size: int = 50) -> DemoResult:
         queries=len(captured.captured_queries),
         seconds=seconds,
         sample=[describe(b) for b in books[:3]],
+        signature=signature(books),
     )
+
+
+async def _engine_page(page_size: int) -> tuple[list[Book], float, async_prefetch.RunTrace]:
+    with async_prefetch.tracing() as trace:
+        started = time.perf_counter()
+        books = await async_prefetch.aprefetch(page_queryset(page_size))
+        seconds = time.perf_counter() - started
+    return books, seconds, trace
+
+
+def run_engine_side(page_size: int = 50) -> DemoResult:
+    """Fetch the same page with ``await aprefetch(...)`` in an event loop."""
+    books, seconds, trace = asyncio.run(_engine_page(page_size))
+    return DemoResult(
+        label="async_prefetch aprefetch",
+        books=len(books),
+        queries=trace.queries,
+        seconds=seconds,
+        sample=[describe(b) for b in books[:3]],
+        signature=signature(books),
+        plan=trace.render(),
+    )
+
+
+def best_of(runs: int, sides: Sequence[Callable[[], DemoResult]]) -> list[DemoResult]:
+    """Run the sides alternately ``runs`` times; each side's result with its median time."""
+    results: list[list[DemoResult]] = [[] for _ in sides]
+    for _ in range(runs):
+        for i, side in enumerate(sides):
+            results[i].append(side())
+    medians = []
+    for per_side in results:
+        seconds = statistics.median(r.seconds for r in per_side)
+        medians.append(min(per_side, key=lambda r: abs(r.seconds - seconds)))
+    return medians
 
 
 def print_result(result: DemoResult, stream: TextIO = sys.stdout) -> None:
@@ -250,6 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--books", type=int, default=200, help="books to seed (default 200)")
     parser.add_argument("--page-size", type=int, default=50, help="books per page (default 50)")
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="simulated network round trip between Python and PostgreSQL (default 0)",
+    )
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (default 5)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log server start-up")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -258,11 +327,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = get_server()
     print(f"PostgreSQL from {server.source}: {server.host or 'default socket'}")
-    configure_django(server)
-    started = time.perf_counter()
-    if seed(args.books):
-        print(f"Seeded {args.books} books in {time.perf_counter() - started:.2f} s")
-    else:
-        print("Demo tables already seeded")
-    print_result(run_django_side(args.page_size))
-    return 0
+    with contextlib.ExitStack() as stack:
+        proxy = None
+        if args.rtt_ms > 0:
+            from async_prefetch.bench.latency_proxy import LatencyProxyProcess
+
+            running = stack.enter_context(LatencyProxyProcess(_upstream(server), args.rtt_ms))
+            proxy = (running.host, running.port)
+            print(f"Through a latency proxy adding {args.rtt_ms:g} ms per round trip")
+        configure_django(server, proxy)
+        started = time.perf_counter()
+        if seed(args.books):
+            print(f"Seeded {args.books} books in {time.perf_counter() - started:.2f} s")
+        else:
+            print("Demo tables already seeded")
+        sides = [partial(run_django_side, args.page_size), partial(run_engine_side, args.page_size)]
+        for side in sides:  # warm up: connections, pool, caches
+            side()
+        django_result, engine_result = best_of(args.runs, sides)
+        print()
+        print_result(django_result)
+        print()
+        print_result(engine_result)
+        print("\nThe engine's plan (queries that overlap ran at the same time):")
+        print(engine_result.plan)
+        print()
+        same = django_result.signature == engine_result.signature
+        print(f"Identical results: {'yes' if same else 'NO'}")
+        speedup = django_result.seconds / engine_result.seconds
+        print(f"Speed-up (median of {args.runs}): {speedup:.1f}x")
+        if args.rtt_ms == 0:
+            print("On loopback a round trip costs almost nothing; try --rtt-ms 2.")
+    return 0 if same else 1
+
+
+def _upstream(server: ServerInfo) -> str | tuple[str, int]:
+    """Where the latency proxy connects: the server's unix socket file or host and port."""
+    host = server.host or "/var/run/postgresql"
+    port = server.port or 5432
+    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)

@@ -42,6 +42,7 @@ from .planner import (
     not_prefetchable,
     to_attr_conflict,
 )
+from .trace import RunTrace, StepTrace, current_trace
 
 __all__ = ["CallerContext", "run_prefetch"]
 
@@ -50,16 +51,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class CallerContext:
-    """The caller's Django connections, captured on the caller's thread before any hop."""
+    """What the engine needs from the caller's side, captured there before any hop:
+    its Django connections (transactions, query logs) and its ``tracing()`` block."""
 
     connections: dict[str, BaseDatabaseWrapper]
+    trace: RunTrace | None = None
 
     @classmethod
-    def capture(cls) -> CallerContext:
+    def capture(cls, trace: RunTrace | None = None) -> CallerContext:
         """Snapshot ``django.db.connections`` as seen from the calling thread or task."""
         from django.db import connections
 
-        return cls({alias: connections[alias] for alias in connections})
+        return cls({alias: connections[alias] for alias in connections}, trace or current_trace())
 
     def in_atomic(self, alias: str) -> bool:
         """True when the caller holds an open transaction on ``alias``."""
@@ -76,6 +79,7 @@ class _Fetch:
     relation: RelationQuery | None  # None: delegated to Django on a worker thread
     compiled: CompiledQuery | None
     prefetcher: Any = None
+    step: StepTrace | None = None
 
 
 async def run_prefetch(
@@ -119,9 +123,13 @@ class _Run:
         self._atomic = self._caller.in_atomic(alias)
         if root_queryset is not None:
             compiled = compile_queryset(root_queryset)
+            trace = self._caller.trace
+            step = trace.start("(queryset)", "query", compiled.sql) if trace else None
             rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
             instances = hydrate(compiled, rows)
             self._journal.mark_created(instances)
+            if trace is not None and step is not None:
+                trace.finish(step, len(instances))
         if not instances:
             return instances
         self._plan = Plan(instances[0])
@@ -191,10 +199,16 @@ class _Run:
     async def _start(self, level: Level, obj_list: list[Any]) -> None:
         """One step of Django's ``prefetch_related_objects`` loop for ``level``."""
         step = await self._sync_or_thread(self._decide, level, obj_list)
+        trace = self._caller.trace
         if isinstance(step, _Fetch):
+            if trace is not None:
+                kind, sql = ("query", step.compiled.sql) if step.compiled else ("django", None)
+                step.step = trace.start(level.key, kind, sql)
             self._pending += 1
             self._tg.start_soon(self._fetch, step)
         else:
+            if trace is not None and step is not None:
+                trace.finish(trace.start(level.key, "walk"), len(step))
             await self._finish(level, step)
 
     def _decide(self, level: Level, obj_list: list[Any]) -> _Fetch | list[Any] | None:
@@ -299,6 +313,8 @@ class _Run:
         if level.requeried:
             raise already_seen(level.key)
         await self._sync_or_thread(self._link_and_assign, level, fetch.instances, relation, related)
+        if fetch.step is not None and self._caller.trace is not None:
+            self._caller.trace.finish(fetch.step, len(related))
         if relation.additional_lookups:
             auto = normalize(relation.additional_lookups, level.key)
             # Django runs these right after the current lookup, before the next one,
