@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from asgiref.sync import SyncToAsync
+from django.db import connections
 
 from async_prefetch import bridge
 from tests.factories import seed_bookstore
@@ -14,9 +16,11 @@ from tests.testapp.models import Author, Book, EBook
 
 @pytest.fixture(scope="session", autouse=True)
 def _engine_shutdown(django_db_setup: None) -> Iterator[None]:
-    """Close the engine's pools before pytest-django drops the test database."""
+    """Close the engine's pools, and the connection async tests opened on asgiref's
+    sync thread, before pytest-django drops the test database."""
     yield
     bridge.shutdown()
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @dataclass(frozen=True)

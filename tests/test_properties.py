@@ -9,7 +9,9 @@ and runs them through Django's ``prefetch_related_objects`` and the engine's syn
 * Django succeeds -> the engine succeeds with an equal snapshot and the same number of queries.
 * Django raises (e.g. a ``Prefetch`` queryset after a lookup through the same path, or a path
   through a ``to_attr`` that is not there) -> the engine raises the same exception type with the
-  same message, without sending more queries than Django did before raising.
+  same message; when Django raised before any query, the engine must not send one either (when
+  Django needed rows to decide, a concurrent engine may already have sent other lookups'
+  queries, so counts are not compared).
 """
 
 from __future__ import annotations
@@ -516,9 +518,8 @@ def test_engine_matches_django(store: Store, scenario: Scenario) -> None:
         assert (type(e_err), str(e_err)) == (type(d_err), str(d_err)), (
             f"engine raised {e_err!r}, Django {d_err!r}"
         )
-        assert len(e_sql) <= len(d_sql), (
-            f"engine sent {len(e_sql)} queries before raising, Django {len(d_sql)}"
-        )
+        if not d_sql:  # decidable without rows: the engine must not query either
+            assert e_sql == [], f"engine sent {len(e_sql)} queries before raising, Django none"
         return
     if e_err is not None:
         raise AssertionError(f"engine raised {e_err!r}, Django did not") from e_err
