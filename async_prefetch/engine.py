@@ -399,7 +399,7 @@ class _Run:
                     )
                     qs = manager._apply_rel_filters(source)
                 else:
-                    qs = manager.get_queryset()
+                    qs = _compat.related_manager_queryset(manager)
                 qs._result_cache = vals
                 qs._prefetch_done = True
                 obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
