@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from weakref import ref as weak_ref
 
 from django.db.models import Model
+from django.db.models.base import ModelState
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
+from django.db.models.query_utils import DeferredAttribute
+from django.db.models.signals import post_init, pre_init
 
 from . import _compat
 from .compiler import CompiledQuery
@@ -37,7 +41,9 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     select_fields = klass_info["select_fields"]
     start, end = select_fields[0], select_fields[-1] + 1
     init_list = [f[0].target.attname for f in select[start:end]]
-    from_db = _compat.from_db_for(model_cls, fetch_mode)
+    from_db = fast_from_db(model_cls, init_list, fetch_mode) or _compat.from_db_for(
+        model_cls, fetch_mode
+    )
     populators = _compat.related_populators(klass_info, select, db, fetch_mode)
     known_related = []
     for field, related_objs in queryset._known_related_objects.items():  # type: ignore[attr-defined]
@@ -79,3 +85,45 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
             setattr(obj, field.name, rel_obj)
         instances.append(obj)
     return instances
+
+
+_PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+
+
+def fast_from_db(
+    model: type[Model], init_list: list[str], fetch_mode: Any
+) -> Callable[[str, list[str], Sequence[Any]], Model] | None:
+    """An equivalent of ``model.from_db`` that skips ``Model.__init__``, when that is exact.
+
+    ``from_db`` calls ``__init__``, which sends ``pre_init``/``post_init`` and sets each
+    loaded field with ``setattr``. When the model overrides neither, nobody listens to
+    those signals for it and every loaded field's descriptor is Django's plain one (no
+    ``__set__`` side effects on a fresh instance), the result is an instance whose
+    ``__dict__`` holds ``_state`` (``adding=False``, ``db``, 6.1's fetch mode) and the
+    loaded values, in field order: that is built directly. Otherwise ``None``.
+    """
+    if (
+        model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
+        or model.__init__ is not Model.__init__
+        or pre_init.has_listeners(model)
+        or post_init.has_listeners(model)
+        or any(
+            type(getattr(model, attname, None)) not in _PLAIN_DESCRIPTORS for attname in init_list
+        )
+    ):
+        return None
+    new_instance = object.__new__
+
+    def build(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
+        obj = new_instance(model)
+        state = ModelState()
+        state.adding = False
+        state.db = db
+        if fetch_mode is not None:
+            state.fetch_mode = fetch_mode
+        attrs = obj.__dict__
+        attrs["_state"] = state
+        attrs.update(zip(field_names, values, strict=True))
+        return obj
+
+    return build
