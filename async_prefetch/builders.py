@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.db.models.expressions import ColPairs
 from django.db.models.fields import related_descriptors
 from django.db.models.fields.related_descriptors import (
@@ -27,6 +27,8 @@ from django.db.models.fields.related_descriptors import (
     ReverseOneToOneDescriptor,
 )
 from django.db.models.fields.tuple_lookups import TupleIn
+
+from .lookups import AnyOf
 
 KeyFunc = Callable[[Model], Hashable]
 
@@ -130,6 +132,22 @@ def _reverse_one_to_one(
     )
 
 
+def _filter_by_parents(queryset: Any, fk: Any, instances: list[Model]) -> Any:
+    """Django's ``_filter_prefetch_queryset`` with ``= ANY(%s)`` instead of ``IN``.
+
+    Sliced querysets (a ``ROW_NUMBER()`` window) and multi-column keys keep Django's
+    own filter.
+    """
+    targets = fk.foreign_related_fields
+    if queryset.query.is_sliced or len(targets) != 1:
+        return _filter_prefetch_queryset(queryset, fk.name, instances)
+    attname = targets[0].attname
+    values = [getattr(instance, attname) for instance in instances]
+    # As Django's filter: reuse every join already in the query.
+    queryset.query.add_q(Q(**{f"{fk.name}__{AnyOf.lookup_name}": values}), reuse_all=True)
+    return queryset
+
+
 def _reverse_many_to_one(
     manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
 ) -> RelationQuery:
@@ -145,7 +163,7 @@ def _reverse_many_to_one(
     rel_obj_attr = fk.get_local_related_value
     instance_attr = fk.get_foreign_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
-    queryset = _filter_prefetch_queryset(queryset, fk.name, instances)
+    queryset = _filter_by_parents(queryset, fk, instances)
 
     def link_back(related: list[Model]) -> None:
         for rel_obj in related:

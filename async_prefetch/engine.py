@@ -110,6 +110,7 @@ class _Run:
         self._pending = 0
         self._deferred: list[Level] = []
         self._atomic = False
+        self._rejections: list[tuple[tuple[int, ...], str]] = []
         self._tg: TaskGroup
         self._send: MemoryObjectSendStream[tuple[_Fetch, Any]]
 
@@ -152,24 +153,33 @@ class _Run:
                 self._tg = tg
                 for level in list(self._plan.roots):
                     await self._schedule(level)
+                self._raise_rejection()
                 while self._pending:
                     fetch, payload = await receive.receive()
                     self._pending -= 1
                     await self._on_fetched(fetch, payload)
+                    self._raise_rejection()
         except BaseExceptionGroup as group:
             raise _single_error(group) from None
         unfinished = [level.key for level in self._plan.levels.values() if not level.done]
         assert not unfinished, f"levels never ran: {unfinished}"
 
+    def _raise_rejection(self) -> None:
+        """Raise Django's "already seen" error for the first rejected lookup, if any."""
+        if self._rejections:
+            raise already_seen(min(self._rejections)[1])
+
     # -- scheduling ----------------------------------------------------------------
 
     async def _schedule(self, level: Level) -> None:
         """Start ``level`` now if Django would have run its predecessors, else defer it."""
-        if self._plan.blockers(level):
+        if self._plan.blockers(level, self._parent_objects(level)):
             self._deferred.append(level)
             return
-        parent_objects = self._roots if level.parent is None else level.parent.result
-        await self._start(level, parent_objects)
+        await self._start(level, self._parent_objects(level))
+
+    def _parent_objects(self, level: Level) -> list[Any]:
+        return self._roots if level.parent is None else level.parent.result
 
     async def _finish(self, level: Level, objects: list[Any] | None) -> None:
         """Record ``level``'s objects and start its children (or skip them: no objects)."""
@@ -187,12 +197,10 @@ class _Run:
         while progressed:
             progressed = False
             for level in list(self._deferred):
-                if level.done or not self._plan.blockers(level):
+                parent_objects = self._parent_objects(level)
+                if level.done or not self._plan.blockers(level, parent_objects):
                     self._deferred.remove(level)
                     if not level.done:
-                        parent_objects = (
-                            self._roots if level.parent is None else level.parent.result
-                        )
                         await self._start(level, parent_objects)
                     progressed = True
 
@@ -229,9 +237,10 @@ class _Run:
             fetched: Callable[[Any], bool] = is_fetched  # type: ignore[assignment]
             obj_to_fetch = [obj for obj in obj_list if not fetched(obj)]
             if obj_to_fetch:
-                if level.requeried:
-                    # Django would fetch this path, then reject the later queryset.
-                    raise already_seen(level.key)
+                if level.requeried_by is not None:
+                    # Django would fetch this path, then reject the later queryset
+                    # when it reaches that lookup: the first such lookup wins.
+                    self._rejections.append((level.requeried_by, level.key))
                 if level.as_attr:
                     # Django checks this after the query; the outcome is the same.
                     _check_to_attr(type(obj_to_fetch[0]), level.to_attr)
@@ -310,8 +319,6 @@ class _Run:
             relation, related = payload
         self._journal.mark_created(related)
         level.fetched = True
-        if level.requeried:
-            raise already_seen(level.key)
         await self._sync_or_thread(self._link_and_assign, level, fetch.instances, relation, related)
         if fetch.step is not None and self._caller.trace is not None:
             self._caller.trace.finish(fetch.step, len(related))

@@ -22,8 +22,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.contrib.contenttypes.fields import GenericForeignKey
 from django.db.models import Model, Prefetch
 from django.db.models.constants import LOOKUP_SEP
+from django.db.models.fields.related_descriptors import (
+    ForwardManyToOneDescriptor,
+    ReverseManyToOneDescriptor,
+    ReverseOneToOneDescriptor,
+)
 from django.db.models.query import normalize_prefetch_lookups
 from django.db.models.query_utils import DeferredAttribute
 
@@ -75,7 +81,8 @@ class Level:
     children: list[Level] = field(default_factory=list)
     done: bool = False
     fetched: bool = False  # ran a query (Django records it in ``done_queries``)
-    requeried: bool = False  # a later lookup gave this path a queryset of its own
+    # The first later lookup that gave this path a queryset of its own, by order.
+    requeried_by: Order | None = None
     result: list[Any] = field(default_factory=list)
 
     @property
@@ -126,7 +133,8 @@ class Plan:
             if lookup.queryset is not None:
                 # Django raises only if the path was actually fetched (its
                 # ``done_queries``): an empty or already-cached level is no error.
-                seen.requeried = True
+                if seen.requeried_by is None or order < seen.requeried_by:
+                    seen.requeried_by = order
                 if seen.fetched:
                     raise already_seen(lookup.prefetch_to)
             return []
@@ -179,14 +187,36 @@ class Plan:
         if LOOKUP_SEP not in lookup.prefetch_through and isinstance(descriptor, DeferredAttribute):
             raise not_prefetchable(lookup.prefetch_through)
 
-    def blockers(self, level: Level) -> list[Level]:
-        """Unfinished levels Django would run before ``level`` that touch the same names."""
+    def blockers(self, level: Level, parent_objects: list[Any]) -> list[Level]:
+        """Unfinished levels Django would run before ``level`` whose writes it could read.
+
+        A relation reads only its own cache: the levels with the same name. Anything
+        else (a property, ``cached_property``, a plain attribute) may read any cache, so
+        it waits for every level Django would have run before it.
+        """
+        earlier = (
+            self._by_name.get(level.to_attr, ())
+            if not parent_objects or _is_relation(parent_objects[0], level.through_attr)
+            else self.levels.values()
+        )
         return [
             other
-            for name in level.names
-            for other in self._by_name.get(name, ())
+            for other in earlier
             if other is not level and not other.done and other.order < level.order
         ]
+
+
+_RELATION_DESCRIPTORS = (
+    ForwardManyToOneDescriptor,
+    ReverseOneToOneDescriptor,
+    ReverseManyToOneDescriptor,
+    GenericForeignKey,
+)
+
+
+def _is_relation(obj: Any, attr: str) -> bool:
+    """True when ``attr`` on ``obj``'s class is one of Django's relation descriptors."""
+    return isinstance(getattr(type(obj), attr, None), _RELATION_DESCRIPTORS)
 
 
 def normalize(lookups: Iterable[Any], prefix: str | None = None) -> list[Prefetch[Any]]:
