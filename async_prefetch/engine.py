@@ -134,12 +134,22 @@ class _Run:
         if not instances:
             return instances
         self._plan = Plan(instances[0])
-        self._plan.add_lookups(normalized, ())
-        if not self._plan.roots:
-            return instances
+        invalid: Exception | None = None
+        try:
+            self._plan.add_lookups(normalized, ())
+        except (AttributeError, ValueError) as error:
+            # The plan holds the lookups before the invalid one. If none of them can
+            # fail, Django certainly reaches this error: raise it before any query.
+            # Otherwise run them first, as Django does, so its first error wins.
+            if not self._plan.may_raise():
+                raise
+            invalid = error
         self._roots = instances
         try:
-            await self._run_graph()
+            if self._plan.roots:
+                await self._run_graph()
+            if invalid is not None:
+                raise invalid
         except BaseException:
             self._journal.rollback()
             raise
@@ -159,15 +169,27 @@ class _Run:
                     self._pending -= 1
                     await self._on_fetched(fetch, payload)
                     self._raise_rejection()
+                self._raise_rejection()
         except BaseExceptionGroup as group:
             raise _single_error(group) from None
         unfinished = [level.key for level in self._plan.levels.values() if not level.done]
         assert not unfinished, f"levels never ran: {unfinished}"
 
     def _raise_rejection(self) -> None:
-        """Raise Django's "already seen" error for the first rejected lookup, if any."""
-        if self._rejections:
-            raise already_seen(min(self._rejections)[1])
+        """Raise Django's "already seen" error for the first rejected lookup in Django's
+        order, once no undecided level could be rejected for an earlier lookup."""
+        if not self._rejections:
+            return
+        first, key = min(self._rejections)
+        if any(
+            level.requeried_by is not None
+            and level.requeried_by < first
+            and not level.started
+            and not level.done
+            for level in self._plan.levels.values()
+        ):
+            return
+        raise already_seen(key)
 
     # -- scheduling ----------------------------------------------------------------
 
@@ -206,6 +228,7 @@ class _Run:
 
     async def _start(self, level: Level, obj_list: list[Any]) -> None:
         """One step of Django's ``prefetch_related_objects`` loop for ``level``."""
+        level.started = True
         step = await self._sync_or_thread(self._decide, level, obj_list)
         trace = self._caller.trace
         if isinstance(step, _Fetch):

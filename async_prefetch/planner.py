@@ -9,7 +9,9 @@ lookup sees the caches an earlier lookup filled (for example ``authors`` and
 ``pages__book__authors``).
 
 Bad lookups raise Django's exceptions with Django's messages. Errors in a lookup's
-first step are raised while the plan is built, before any prefetch query is sent.
+first step are found while the plan is built, and raised before any query unless a
+lookup Django runs before it could fail first in the data (then those run first, as
+in Django, and the first error in Django's order wins).
 Errors that depend on the data are raised when the step runs, as in Django: Django
 never checks a step that has no objects (``publisher__bogus`` on books without
 publishers is no error there), and a ``Prefetch`` queryset for a path planned earlier
@@ -20,13 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.fields import (
+    GenericForeignKey,
+    ReverseGenericManyToOneDescriptor,
+)
+from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Model, Prefetch
 from django.db.models.constants import LOOKUP_SEP
 from django.db.models.fields.related_descriptors import (
     ForwardManyToOneDescriptor,
+    ManyToManyDescriptor,
     ReverseManyToOneDescriptor,
     ReverseOneToOneDescriptor,
 )
@@ -77,8 +84,11 @@ class Level:
     lookup: Prefetch[Any]  # the first lookup to reach this step: its querysets apply
     order: tuple[Order, int]  # position in Django's serial processing order
     parent: Level | None
+    model: type[Model] | None = None  # what this step yields, when statically known
+    certain: bool = False  # can raise no error: relations all the way, known models
     terminal_for: list[Prefetch[Any]] = field(default_factory=list)
     children: list[Level] = field(default_factory=list)
+    started: bool = False
     done: bool = False
     fetched: bool = False  # ran a query (Django records it in ``done_queries``)
     # The first later lookup that gave this path a queryset of its own, by order.
@@ -150,6 +160,8 @@ class Plan:
                 to_attr, as_attr_value = lookup.get_current_to_attr(depth)
                 if parent is None:
                     self._check_first_step(lookup, through_attr)
+                parent_model = type(self.first_instance) if parent is None else parent.model
+                model = related_model_of(getattr(parent_model, through_attr, None))
                 level = Level(
                     key=key,
                     through_attr=through_attr,
@@ -159,6 +171,10 @@ class Plan:
                     lookup=lookup,
                     order=(order, depth),
                     parent=parent,
+                    model=model,
+                    certain=(parent is None or parent.certain)
+                    and model is not None
+                    and not (as_attr_value and _has_field(parent_model, to_attr)),
                 )
                 self.levels[key] = level
                 for name in level.names:
@@ -187,6 +203,12 @@ class Plan:
         if LOOKUP_SEP not in lookup.prefetch_through and isinstance(descriptor, DeferredAttribute):
             raise not_prefetchable(lookup.prefetch_through)
 
+    def may_raise(self) -> bool:
+        """True when running the planned lookups could raise one of Django's errors."""
+        return any(
+            not level.certain or level.requeried_by is not None for level in self.levels.values()
+        )
+
     def blockers(self, level: Level, parent_objects: list[Any]) -> list[Level]:
         """Unfinished levels Django would run before ``level`` whose writes it could read.
 
@@ -212,6 +234,31 @@ _RELATION_DESCRIPTORS = (
     ReverseManyToOneDescriptor,
     GenericForeignKey,
 )
+
+
+def related_model_of(descriptor: Any) -> type[Model] | None:
+    """The model a relation descriptor leads to; ``None`` for anything else (or generic)."""
+    target: Any = None
+    # ManyToManyDescriptor (and the generic one) subclass ReverseManyToOneDescriptor.
+    if isinstance(descriptor, ManyToManyDescriptor):
+        rel: Any = descriptor.rel
+        target = rel.related_model if descriptor.reverse else rel.model
+    elif isinstance(descriptor, ReverseGenericManyToOneDescriptor):
+        target = descriptor.field.related_model
+    elif isinstance(descriptor, ReverseManyToOneDescriptor):
+        target = descriptor.rel.related_model
+    elif isinstance(descriptor, ForwardManyToOneDescriptor):
+        target = descriptor.field.remote_field.model
+    elif isinstance(descriptor, ReverseOneToOneDescriptor):
+        target = descriptor.related.related_model
+    return cast("type[Model] | None", target)
+
+
+def _has_field(model: type[Model] | None, name: str) -> bool:
+    try:
+        return model is not None and bool(model._meta.get_field(name))
+    except FieldDoesNotExist:
+        return False
 
 
 def _is_relation(obj: Any, attr: str) -> bool:
