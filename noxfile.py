@@ -1,4 +1,4 @@
-"""Nox sessions: ``tests`` (per Python/Django pair), ``lint`` and ``demo``.
+"""Nox sessions: ``tests`` (per Python/Django pair), ``lint``, ``demo`` and ``bench``.
 
 pyenv interpreters (``~/.pyenv/versions/*/bin``) are put first on ``PATH`` so that nox finds
 ``python3.12`` and ``python3.13`` even when pyenv's shims would refuse to run them.
@@ -55,3 +55,10 @@ def demo(session: nox.Session) -> None:
     """``python -m async_prefetch demo`` on the embedded server (or DATABASE_URL)."""
     session.install("-e", ".[embedded]")
     session.run("python", "-m", "async_prefetch", "demo", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """``python -m async_prefetch bench`` (arguments after ``--`` go to the bench)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "async_prefetch", "bench", *session.posargs)

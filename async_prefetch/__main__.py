@@ -13,7 +13,7 @@ from importlib import import_module
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("async_prefetch.demo", "seed a bookstore and fetch one page with prefetch_related"),
-    # "bench" is added here with its module.
+    "bench": ("async_prefetch.bench.runner", "benchmark prefetch_related against the engine"),
 }
 
 

@@ -195,7 +195,7 @@ class _Run:
 
     async def _schedule(self, level: Level) -> None:
         """Start ``level`` now if Django would have run its predecessors, else defer it."""
-        if self._plan.blockers(level, self._parent_objects(level)):
+        if self._plan.blockers(level):
             self._deferred.append(level)
             return
         await self._start(level, self._parent_objects(level))
@@ -215,16 +215,17 @@ class _Run:
         await self._release_deferred()
 
     async def _release_deferred(self) -> None:
-        progressed = True
-        while progressed:
-            progressed = False
-            for level in list(self._deferred):
-                parent_objects = self._parent_objects(level)
-                if level.done or not self._plan.blockers(level, parent_objects):
-                    self._deferred.remove(level)
-                    if not level.done:
-                        await self._start(level, parent_objects)
-                    progressed = True
+        """Start deferred levels whose blockers are done (starting one may finish others)."""
+        while True:
+            ready = next(
+                (level for level in self._deferred if level.done or not self._plan.blockers(level)),
+                None,
+            )
+            if ready is None:
+                return
+            self._deferred.remove(ready)
+            if not ready.done:
+                await self._start(ready, self._parent_objects(ready))
 
     async def _start(self, level: Level, obj_list: list[Any]) -> None:
         """One step of Django's ``prefetch_related_objects`` loop for ``level``."""

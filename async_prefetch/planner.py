@@ -86,6 +86,9 @@ class Level:
     parent: Level | None
     model: type[Model] | None = None  # what this step yields, when statically known
     certain: bool = False  # can raise no error: relations all the way, known models
+    # Not a relation of a known model (a property, cached_property, attribute): running
+    # it may read any cache, so it keeps its place in Django's order both ways.
+    opaque: bool = True
     terminal_for: list[Prefetch[Any]] = field(default_factory=list)
     children: list[Level] = field(default_factory=list)
     started: bool = False
@@ -100,15 +103,6 @@ class Level:
         """True when this is the last step of the lookup that owns it."""
         return self.depth == self.lookup.prefetch_through.count(LOOKUP_SEP)
 
-    @property
-    def names(self) -> set[str]:
-        """The cache this step reads (``is_fetched``) and fills on its parent objects.
-
-        ``to_attr`` when given, else the relation's own name. Sibling ``Prefetch``
-        objects on one relation with different ``to_attr`` do not conflict.
-        """
-        return {self.to_attr}
-
     def querysets(self) -> list[Any] | None:
         """The queryset list Django passes to ``get_prefetch_querysets()`` for this step."""
         querysets = self.lookup.get_current_querysets(self.depth)
@@ -122,7 +116,6 @@ class Plan:
         self.first_instance = first_instance
         self.levels: dict[str, Level] = {}
         self.roots: list[Level] = []
-        self._by_name: dict[str, list[Level]] = {}
 
     def add_lookups(
         self, lookups: Sequence[Prefetch[Any]], order: Order, parent: Level | None = None
@@ -172,13 +165,15 @@ class Plan:
                     order=(order, depth),
                     parent=parent,
                     model=model,
+                    opaque=parent_model is None
+                    or not isinstance(
+                        getattr(parent_model, through_attr, None), _RELATION_DESCRIPTORS
+                    ),
                     certain=(parent is None or parent.certain)
                     and model is not None
                     and not (as_attr_value and _has_field(parent_model, to_attr)),
                 )
                 self.levels[key] = level
-                for name in level.names:
-                    self._by_name.setdefault(name, []).append(level)
                 if parent is None:
                     self.roots.append(level)
                 else:
@@ -209,22 +204,20 @@ class Plan:
             not level.certain or level.requeried_by is not None for level in self.levels.values()
         )
 
-    def blockers(self, level: Level, parent_objects: list[Any]) -> list[Level]:
-        """Unfinished levels Django would run before ``level`` whose writes it could read.
+    def blockers(self, level: Level) -> list[Level]:
+        """Unfinished levels Django would run before ``level`` that it must wait for.
 
-        A relation reads only its own cache: the levels with the same name. Anything
-        else (a property, ``cached_property``, a plain attribute) may read any cache, so
-        it waits for every level Django would have run before it.
+        A relation reads and fills only its own cache, so two relations conflict only
+        on the same name. An opaque step (a property) may read any cache: it waits for
+        every earlier level, and every later level waits for it.
         """
-        earlier = (
-            self._by_name.get(level.to_attr, ())
-            if not parent_objects or _is_relation(parent_objects[0], level.through_attr)
-            else self.levels.values()
-        )
         return [
             other
-            for other in earlier
-            if other is not level and not other.done and other.order < level.order
+            for other in self.levels.values()
+            if other is not level
+            and not other.done
+            and other.order < level.order
+            and (level.opaque or other.opaque or other.to_attr == level.to_attr)
         ]
 
 
@@ -259,11 +252,6 @@ def _has_field(model: type[Model] | None, name: str) -> bool:
         return model is not None and bool(model._meta.get_field(name))
     except FieldDoesNotExist:
         return False
-
-
-def _is_relation(obj: Any, attr: str) -> bool:
-    """True when ``attr`` on ``obj``'s class is one of Django's relation descriptors."""
-    return isinstance(getattr(type(obj), attr, None), _RELATION_DESCRIPTORS)
 
 
 def normalize(lookups: Iterable[Any], prefix: str | None = None) -> list[Prefetch[Any]]:

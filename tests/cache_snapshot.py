@@ -4,8 +4,8 @@
 behind on a list of instances, without ever touching the database: it reads ``__dict__``,
 ``_state`` and ``_prefetched_objects_cache`` directly. Per object it records
 
-* model label, class, pk, ``_state.db`` / ``_state.adding`` (and ``fetch_mode`` / ``peers`` when
-  Django 6.1 set them);
+* model label, class, pk, ``_state.db`` / ``_state.adding`` (and, when Django 6.1 set them, the
+  ``fetch_mode``'s class and the ``peers``, each named by its path in the graph);
 * the value of every concrete field present in ``__dict__`` as ``type: repr`` (so that
   ``Decimal('1.50')`` differs from ``Decimal('1.5')`` and a UTC datetime from a Chicago one), or
   ``<deferred>`` when ``only()`` / ``defer()`` left it out;
@@ -78,9 +78,29 @@ class _Walker:
         self.ids: dict[int, str] = {}
         # Keep every visited object alive so that ``id()`` values cannot be reused.
         self.keep: list[object] = []
+        self.peers: list[Snap] = []
+
+    def resolve_peers(self) -> None:
+        """Name each peer by its path in the graph (identity), or by pk when not in it."""
+        for snap in self.peers:
+            snap["peers"] = [
+                None
+                if peer is None
+                else self.ids.get(id(peer), f"<outside the graph> {_value(peer.pk)}")
+                for peer in snap["peers"]
+            ]
 
     def ref(self, obj: models.Model) -> Snap:
         return {"ref": self.ids[id(obj)], "model": obj._meta.label, "pk": _value(obj.pk)}
+
+    def describe(self, value: Any, parent: object | None) -> str:
+        """Name a referenced object without walking it: the parent, a visited path, or a pk."""
+        if value is not None and value is parent:
+            return "<the parent>"
+        if isinstance(value, models.Model):
+            where = self.ids.get(id(value), "<not visited yet>")
+            return f"{value._meta.label} {_value(value.pk)} at {where}"
+        return _value(value)
 
     def value(self, value: Any, parent: object | None, path: str) -> Any:
         """Snapshot an arbitrary attribute value (instances, lists of them, scalars)."""
@@ -107,6 +127,25 @@ class _Walker:
                 lk.prefetch_to if isinstance(lk, Prefetch) else lk
                 for lk in state.get("_prefetch_related_lookups", ())
             ],
+            # What later ``.filter()`` / iteration of the cached queryset inherits.
+            "details": {
+                "iterable_class": getattr(state.get("_iterable_class"), "__qualname__", None),
+                "sticky_filter": state.get("_sticky_filter"),
+                "defer_next_filter": state.get("_defer_next_filter"),
+                "hints": {
+                    key: self.describe(value, parent)
+                    for key, value in sorted(state.get("_hints", {}).items())
+                },
+                "known_related_objects": {
+                    str(field): {
+                        _value(key): self.describe(value, parent)
+                        for key, value in sorted(objs.items(), key=lambda kv: repr(kv[0]))
+                    }
+                    for field, objs in sorted(
+                        state.get("_known_related_objects", {}).items(), key=lambda kv: str(kv[0])
+                    )
+                },
+            },
             "items": (
                 None
                 if result_cache is None
@@ -132,12 +171,12 @@ class _Walker:
             "db": state.db,
             "adding": state.adding,
         }
-        if "fetch_mode" in state_dict:
-            snap["fetch_mode"] = repr(state_dict["fetch_mode"])
-        if "peers" in state_dict:
+        if "fetch_mode" in state_dict:  # Django 6.1
+            snap["fetch_mode"] = type(state_dict["fetch_mode"]).__qualname__
+        if "peers" in state_dict:  # Django 6.1 FETCH_PEERS: resolved once the walk is done
             peers = [ref() if isinstance(ref, weakref.ref) else ref for ref in state_dict["peers"]]
-            snap["peers"] = [None if p is None else _value(p.pk) for p in peers]
-            snap["self_in_peers"] = any(p is obj for p in peers)
+            snap["peers"] = peers
+            self.peers.append(snap)
 
         data = vars(obj)
         attnames = {f.attname for f in opts.concrete_fields}
@@ -184,7 +223,9 @@ class _Walker:
 def snapshot(instances: Sequence[models.Model], lookups: Iterable[str | AnyPrefetch] = ()) -> Snap:
     """Describe the prefetched graph hanging from ``instances`` (see the module docstring)."""
     walker = _Walker(to_attr_names(lookups))
-    return {"instances": [walker.node(obj, None, f"[{i}]") for i, obj in enumerate(instances)]}
+    snap = {"instances": [walker.node(obj, None, f"[{i}]") for i, obj in enumerate(instances)]}
+    walker.resolve_peers()
+    return snap
 
 
 def _referenced(value: Any, out: set[str]) -> set[str]:
@@ -219,6 +260,7 @@ class _Renderer:
             )
             self.out.append(f"{pad}  sql: {value['sql']}")
             self.out.append(f"{pad}  prefetch_related_lookups: {value['prefetch_related_lookups']}")
+            self.out.append(f"{pad}  details: {value['details']}")
             items = value["items"]
             if items is None:
                 self.out.append(f"{pad}  (not evaluated)")
@@ -241,9 +283,7 @@ class _Renderer:
     def node(self, node: Snap, key: str, indent: int) -> None:
         pad = "  " * indent
         label = f" (object {node['id']})" if node["id"] in self.targets else ""
-        extra = "".join(
-            f" {k}={node[k]}" for k in ("fetch_mode", "peers", "self_in_peers") if k in node
-        )
+        extra = "".join(f" {k}={node[k]}" for k in ("fetch_mode", "peers") if k in node)
         self.out.append(
             f"{pad}{key}{node['model']} pk={node['pk']}{label} class={node['class']} "
             f"db={node['db']} adding={node['adding']} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import weakref
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -199,3 +200,32 @@ def test_gfk_with_two_content_types(bookstore: Bookstore) -> None:
         for node in snapshot(a)["instances"]
     }
     assert models == {"testapp.Book", "testapp.Author"}
+
+
+def test_peers_identity_matters(bookstore: Bookstore) -> None:
+    """Django 6.1's ``_state.peers``: peers must be the very objects, not equal copies."""
+    a = fetched(())
+    b = fetched(())
+    c = fetched(())
+    other = fetched(())
+    for objs, peers in ((a, a), (b, b), (c, other)):
+        refs = [weakref.ref(p) for p in peers]
+        for obj in objs:
+            obj._state.peers = refs
+    keep_alive = [a, b, c, other]
+    assert_same_prefetch(a, b)
+    assert_differs(a, c, (), "outside the graph")
+    assert keep_alive
+
+
+def test_cached_queryset_origin_matters(bookstore: Bookstore) -> None:
+    """Same rows, same SQL, but not built by the related manager: no back-reference, no hints."""
+    a = fetched(("pages",))
+    b = fetched(("pages",))
+    book = b[0]
+    cached = book._prefetched_objects_cache["pages"]
+    replacement = Page.objects.filter(book_id=book.pk)
+    replacement._result_cache = cached._result_cache
+    replacement._prefetch_done = True  # type: ignore[attr-defined]
+    book._prefetched_objects_cache["pages"] = replacement
+    assert_differs(a, b, (), "details")

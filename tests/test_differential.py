@@ -29,6 +29,7 @@ from asgiref.sync import sync_to_async
 from django.apps import apps
 from django.contrib.contenttypes.models import ContentType
 from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import models as django_models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count, F, Model, Prefetch, QuerySet, prefetch_related_objects
 from django.test.utils import CaptureQueriesContext
@@ -291,6 +292,20 @@ CASES: list[Case] = [
     # traversal through attributes without a prefetcher
     Case("property-publisher-books", BOOKS, ("publisher_prop__books",), run_async=True),
     Case("cached-property-author-list", BOOKS, ("author_list__location",), run_async=True),
+    Case("property-after-prefetched-leaf", BOOKS, ("publisher", "publisher_prop__books")),
+    Case("property-after-prefetched-path", BOOKS, ("publisher__books", "publisher_prop__books")),
+    Case("cached-property-after-m2m", BOOKS, ("authors", "author_list__location")),
+    Case(
+        "cached-property-before-m2m",
+        BOOKS,
+        ("publisher__books", "author_list__location", "author_list__location", "authors__books"),
+        run_async=True,
+    ),
+    Case(
+        "property-between-siblings",
+        BOOKS,
+        ("publisher__books", "publisher_prop__books", "tags__books"),
+    ),
     Case("cached-property-author-list-books", BOOKS, ("author_list__books__pages",)),
     # relations already loaded by select_related
     Case("select-related-then-prefetch", BOOKS.select_related("publisher"), ("publisher__books",)),
@@ -479,6 +494,28 @@ CASES: list[Case] = [
 ]
 
 
+# Django 6.1 fetch modes: instances remember their fetch mode and (FETCH_PEERS) their peers.
+FETCH_PEERS: Any = getattr(django_models, "FETCH_PEERS", None)
+if FETCH_PEERS is not None:
+    CASES += [
+        Case(
+            "fetch-peers-root",
+            BOOKS.fetch_mode(FETCH_PEERS),
+            ("pages", "authors__location", "publisher"),
+            run_async=True,
+        ),
+        Case(
+            "fetch-peers-prefetch-queryset",
+            BOOKS,
+            (
+                Prefetch("authors", queryset=Author.objects.all().fetch_mode(FETCH_PEERS)),
+                "authors__location",
+            ),
+            run_async=True,
+        ),
+    ]
+
+
 def _params(cases: list[Case]) -> list[Any]:
     return [pytest.param(c.source, c.lookups, id=c.id, marks=c.marks) for c in cases]
 
@@ -520,9 +557,22 @@ QS_CASES: list[tuple[str, QuerySet[Any], tuple[Lookup, ...]]] = [
     ("qs-uuid", PUBLISHERS, ("books__tags",)),
     ("qs-empty", Book.objects.none(), ("pages",)),
     ("qs-no-rows", BOOKS.filter(pk=-1), ("pages",)),
+    (
+        "qs-cached-property-before-m2m",
+        BOOKS.select_related("publisher"),
+        (
+            "publisher",
+            "publisher__books",
+            "taggings__tag",
+            "author_list__location",
+            "authors__books",
+        ),
+    ),
     ("qs-no-rows-invalid-lookup", BOOKS.filter(pk=-1), ("bogus", "title")),
     ("qs-no-ebooks-to-attr-path", EBOOKS.filter(pk=-1), ("all_reviews__author",)),
 ]
+if FETCH_PEERS is not None:
+    QS_CASES.append(("qs-fetch-peers", BOOKS.fetch_mode(FETCH_PEERS), ("publisher", "pages")))
 
 
 def _all_lookups(qs: QuerySet[Any], lookups: tuple[Lookup, ...]) -> list[Lookup]:
@@ -761,6 +811,32 @@ ERROR_CASES: list[ErrorCase] = [
         static=True,
     ),
     ErrorCase(
+        "already-seen-first-in-lookup-order",
+        BOOKS,
+        (
+            Prefetch("pages", queryset=Page.objects.order_by("-number"), to_attr="pages_desc"),
+            "pages",
+            Prefetch("pages", queryset=Page.objects.all()),
+            Prefetch("pages", queryset=Page.objects.order_by("-number"), to_attr="pages_desc"),
+        ),
+        ValueError,
+        "'pages' lookup was already seen with a different queryset",
+        static=True,
+    ),
+    ErrorCase(
+        "already-seen-first-in-lookup-order-2",
+        BOOKS,
+        (
+            "pages",
+            Prefetch("pages", queryset=Page.objects.order_by("-number"), to_attr="pages_desc"),
+            Prefetch("pages", queryset=Page.objects.order_by("-number"), to_attr="pages_desc"),
+            Prefetch("pages", queryset=Page.objects.all()),
+        ),
+        ValueError,
+        "'pages_desc' lookup was already seen with a different queryset",
+        static=True,
+    ),
+    ErrorCase(
         "already-seen-two-querysets",
         BOOKS,
         (
@@ -812,6 +888,30 @@ ERROR_CASES: list[ErrorCase] = [
         (Prefetch("pages", to_attr="profile"),),
         ValueError,
         "to_attr=profile conflicts with a field on the Book model.",
+        static=False,
+    ),
+    ErrorCase(
+        "already-seen-level-1-before-later-cannot-find",
+        BOOKS,
+        (
+            "authors__location__country",
+            Prefetch("authors__location", queryset=Location.objects.all()),
+            "bogus__x",
+        ),
+        ValueError,
+        "'authors__location' lookup was already seen with a different queryset",
+        static=False,
+    ),
+    ErrorCase(
+        "already-seen-same-path-before-prefix",
+        BOOKS,
+        (
+            Prefetch("authors__books", queryset=Book.objects.all()),
+            Prefetch("authors__books", queryset=Book.objects.all()),
+            Prefetch("authors", queryset=Author.objects.all()),
+        ),
+        ValueError,
+        "'authors__books' lookup was already seen with a different queryset",
         static=False,
     ),
     ErrorCase(

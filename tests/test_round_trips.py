@@ -71,7 +71,7 @@ def test_one_round_trip_per_step(proxied_alias: str, settings: Any) -> None:
             book._state.db = proxied_alias
         return books
 
-    siblings = [
+    siblings: list[Any] = [
         "pages",
         "authors",
         "tags",

@@ -1,0 +1,62 @@
+"""``python -m async_prefetch bench --quick`` end to end.
+
+The bench configures its own Django settings, so it runs in a subprocess. It reuses this test
+session's PostgreSQL through ``DATABASE_URL`` (its tables live in the server's own database,
+not in pytest-django's test database) instead of starting another server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from async_prefetch.bench.runner import SIDES
+from async_prefetch.bench.workloads import NAMES
+from async_prefetch.embedded import ENV_SOURCE, get_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    env = dict(os.environ)
+    env["DATABASE_URL"] = get_server().url()
+    env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the bench configures its own
+    done = subprocess.run(
+        [sys.executable, "-m", "async_prefetch", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["ok"] is True
+    results = report["results"]
+    assert [(r["workload"], r["rtt_ms"]) for r in results] == [
+        (name, rtt) for name in NAMES for rtt in (0.0, 1.0, 5.0)
+    ]
+    for result in results:
+        assert result["equal"] is True, result
+        assert result["error"] is None
+        assert result["roots"] > 0
+        assert result["django_queries"] > 1
+        assert result["engine_queries"] > 1
+        assert set(result["median_ms"]) == set(SIDES), result.get("floor_note")
+        assert all(len(samples) == 2 for samples in result["samples_ms"].values())
+    memory = {(m["workload"], m["side"]) for m in report["memory"]}
+    assert memory == {(name, side) for name in NAMES for side in ("django_sync", "engine")}
+
+    markdown = (out / "results.md").read_text()
+    assert "| workload | RTT ms |" in markdown
+    assert "## Peak memory" in markdown
+    assert "FAILURES" not in markdown
+    assert (out / "speedup.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "| fanout-100 | 0 |" in done.stdout  # the table is printed too
