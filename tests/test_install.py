@@ -91,3 +91,29 @@ async def test_aiterator_and_async_for_become_concurrent(installed: None) -> Non
     assert all(hasattr(b, "pages_3") for b in books)
     assert elapsed < (SIBLINGS - 1) * SLEEP, f"async for took {elapsed:.2f}s"
     await async_prefetch.aclose()
+
+
+def test_app_config_installs_when_the_setting_asks(settings: Any) -> None:
+    import async_prefetch as package
+    from async_prefetch.apps import AsyncPrefetchConfig
+    from async_prefetch.patching import is_installed
+
+    config = AsyncPrefetchConfig("async_prefetch", package)
+    settings.ASYNC_PREFETCH = {"INSTALL": False}
+    config.ready()
+    assert not is_installed()
+    settings.ASYNC_PREFETCH = {"INSTALL": True}
+    try:
+        config.ready()
+        assert is_installed()
+        assert django_query.prefetch_related_objects is async_prefetch.prefetch_related_objects
+    finally:
+        async_prefetch.uninstall()
+
+
+@pytest.mark.anyio
+async def test_sync_api_refuses_to_block_an_event_loop() -> None:
+    from django.core.exceptions import SynchronousOnlyOperation
+
+    with pytest.raises(SynchronousOnlyOperation):
+        async_prefetch.prefetch_related_objects([Book(pk=1)], "pages")
