@@ -8,13 +8,13 @@ from typing import Any, TypeAlias, TypeVar
 
 import anyio
 from asgiref.sync import sync_to_async
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import connections
 from django.db.models import Model, Prefetch, QuerySet
 from django.db.models import query as django_query
 from django.db.models.query import ModelIterable
 
 from . import bridge
-from .engine import CallerContext, run_prefetch
+from .engine import CallerContext, alias_of, run_prefetch
 from .pools import close_pools
 from .trace import current_trace
 
@@ -29,11 +29,6 @@ _warned_aliases: set[str] = set()
 
 class FallbackWarning(RuntimeWarning):
     """Issued once per database alias that the engine hands back to Django."""
-
-
-def _alias_of(instances: list[Any]) -> str:
-    state = getattr(instances[0], "_state", None)
-    return getattr(state, "db", None) or DEFAULT_DB_ALIAS
 
 
 def _engine_supports(alias: str) -> bool:
@@ -95,11 +90,11 @@ async def aprefetch(
         await aprefetch_related_objects(instances, *lookups)
         return instances
     queryset, all_lookups = _split(qs_or_instances, lookups, using)
-    caller = await _capture_async_caller()
     if not _engine_supports(queryset.db) or not _engine_root(queryset):
         instances = await sync_to_async(_evaluate)(queryset)
         await aprefetch_related_objects(instances, *all_lookups)
         return instances
+    caller = await _capture_async_caller()
     fetched: list[M] = await _run_async(
         caller, queryset.db, _run_root, queryset, all_lookups, caller
     )
@@ -118,7 +113,7 @@ async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup
     instances = instances if isinstance(instances, list) else list(instances)
     if not instances:
         return
-    alias = _alias_of(instances)
+    alias = alias_of(instances)
     if not _engine_supports(alias):
         await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
         return
@@ -159,7 +154,7 @@ def prefetch_related_objects(model_instances: Iterable[Model], *related_lookups:
     if not instances:
         return
     caller = CallerContext.capture()
-    alias = _alias_of(instances)
+    alias = alias_of(instances)
     if not _engine_supports(alias) or caller.in_atomic(alias):
         django_prefetch_related_objects(instances, *related_lookups)
         return

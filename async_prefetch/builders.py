@@ -68,6 +68,32 @@ def _only_queryset(querysets: Sequence[QuerySet[Any]] | None) -> QuerySet[Any] |
     return querysets[0] if querysets else None
 
 
+def _descriptor_queryset(
+    descriptor: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> QuerySet[Any]:
+    """The ``Prefetch`` queryset (with the first instance as routing hint) or the
+    descriptor's default one, as Django's one-to-one and forward builders pick it."""
+    queryset = _only_queryset(querysets)
+    if queryset is None:
+        return descriptor.get_queryset(instance=instances[0])  # type: ignore[no-any-return]
+    queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    return queryset
+
+
+def _linker(
+    field: Any, rel_obj_attr: KeyFunc, instances_dict: dict[Any, Model], *, keep_cached: bool
+) -> Callable[[list[Model]], None]:
+    """``link_back``: cache each related object's parent on ``field``, as Django's
+    evaluating builders do (the reverse FK one leaves already-cached values alone)."""
+
+    def link_back(related: list[Model]) -> None:
+        for rel_obj in related:
+            if not (keep_cached and field.is_cached(rel_obj)):
+                field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+
+    return link_back
+
+
 def _forward(
     descriptor: ForwardManyToOneDescriptor[Any],
     instances: list[Model],
@@ -75,11 +101,7 @@ def _forward(
 ) -> RelationQuery:
     """Forward foreign key and forward one-to-one (``book.publisher``, ``profile.book``)."""
     fk = descriptor.field
-    queryset = _only_queryset(querysets)
-    if queryset is None:
-        queryset = descriptor.get_queryset(instance=instances[0])
-    else:
-        queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    queryset = _descriptor_queryset(descriptor, instances, querysets)
     rel_obj_attr = fk.get_foreign_related_value
     instance_attr = fk.get_local_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
@@ -92,14 +114,9 @@ def _forward(
         )
     )
     queryset.query.clear_ordering()
-    remote_field = fk.remote_field
     link_back = None
-    if not remote_field.multiple:
-
-        def link_back(related: list[Model]) -> None:
-            for rel_obj in related:
-                remote_field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
-
+    if not fk.remote_field.multiple:  # one-to-one: the related object knows its parent
+        link_back = _linker(fk.remote_field, rel_obj_attr, instances_dict, keep_cached=False)
     return RelationQuery(
         queryset, rel_obj_attr, instance_attr, True, fk.cache_name, False, link_back
     )
@@ -112,21 +129,13 @@ def _reverse_one_to_one(
 ) -> RelationQuery:
     """Reverse one-to-one (``book.profile``, ``book.ebook`` under multi-table inheritance)."""
     related = descriptor.related
-    queryset = _only_queryset(querysets)
-    if queryset is None:
-        queryset = descriptor.get_queryset(instance=instances[0])
-    else:
-        queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    queryset = _descriptor_queryset(descriptor, instances, querysets)
     rel_obj_attr = related.field.get_local_related_value
     instance_attr = related.field.get_foreign_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
     queryset = queryset.filter(**{f"{related.field.name}__in": instances})
     queryset.query.clear_ordering()
-
-    def link_back(related_objects: list[Model]) -> None:
-        for rel_obj in related_objects:
-            related.field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
-
+    link_back = _linker(related.field, rel_obj_attr, instances_dict, keep_cached=False)
     return RelationQuery(
         queryset, rel_obj_attr, instance_attr, True, related.cache_name, False, link_back
     )
@@ -164,12 +173,7 @@ def _reverse_many_to_one(
     instance_attr = fk.get_foreign_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
     queryset = _filter_by_parents(queryset, fk, instances)
-
-    def link_back(related: list[Model]) -> None:
-        for rel_obj in related:
-            if not fk.is_cached(rel_obj):
-                fk.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
-
+    link_back = _linker(fk, rel_obj_attr, instances_dict, keep_cached=True)
     return RelationQuery(
         queryset,
         rel_obj_attr,

@@ -9,7 +9,6 @@ remaining fetches and restores every pre-existing instance from the journal.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ class _Run:
         self, instances: list[Model], lookups: Sequence[Any], root_queryset: QuerySet[Any] | None
     ) -> list[Model]:
         normalized = normalize(lookups)
-        alias = root_queryset.db if root_queryset is not None else _alias_of(instances)
+        alias = root_queryset.db if root_queryset is not None else alias_of(instances)
         self._atomic = self._caller.in_atomic(alias)
         if root_queryset is not None:
             compiled = compile_queryset(root_queryset)
@@ -336,9 +335,6 @@ class _Run:
                 # Django's builder evaluated the queryset, its prefetches included,
                 # before writing the reverse caches (which skip cached relations).
                 await _Run(self._caller).execute(related, relation.additional_lookups, None)
-                relation.additional_lookups = [
-                    copy.copy(lookup) for lookup in relation.additional_lookups
-                ]
         else:
             relation, related = payload
         self._journal.mark_created(related)
@@ -436,8 +432,10 @@ class _Run:
                 obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
 
 
-def _alias_of(instances: list[Model]) -> str:
-    return (instances[0]._state.db if instances else None) or DEFAULT_DB_ALIAS
+def alias_of(instances: Sequence[Any]) -> str:
+    """The database the instances came from (Django routes their prefetches there)."""
+    state = getattr(instances[0], "_state", None) if instances else None
+    return getattr(state, "db", None) or DEFAULT_DB_ALIAS
 
 
 def _check_to_attr(model: type[Model], to_attr: str) -> None:

@@ -84,9 +84,7 @@ class PoolExecutor:
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
         if log:
-            record_query(
-                self._log_connection, self._alias, query.sql, query.params, duration, lambda: text
-            )
+            record_query(self._log_connection, self._alias, query.sql, query.params, duration, text)
         return rows
 
 

@@ -75,7 +75,8 @@ async def get_pool(alias: str) -> AsyncConnectionPool:
     pool = by_alias.get(alias)
     if pool is None:
         pool = by_alias[alias] = _new_pool(alias, load_config().pool)
-    await pool.open()
+    if pool.closed:  # opening takes the pool's lock: not on every query
+        await pool.open()
     return pool
 
 

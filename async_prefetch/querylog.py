@@ -10,7 +10,6 @@ log when that connection logs queries (``DEBUG=True``, ``assertNumQueries``,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -31,10 +30,9 @@ def record_query(
     sql: str,
     params: Any,
     duration: float,
-    executed_sql: Callable[[], str],
+    text: str,
 ) -> None:
-    """Log one finished query; ``executed_sql()`` renders it with parameters inlined."""
-    text = executed_sql()
+    """Log one finished query; ``text`` is the SQL as sent (parameters inlined)."""
     if connection is not None and connection.queries_logged:
         connection.queries_log.append({"sql": text, "time": f"{duration:.3f}"})
     logger.debug(
