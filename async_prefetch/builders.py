@@ -19,6 +19,7 @@ from typing import Any
 from django.db.models import Model, Q, QuerySet
 from django.db.models.expressions import ColPairs
 from django.db.models.fields import related_descriptors
+from django.db.models.fields.mixins import FieldCacheMixin
 from django.db.models.fields.related_descriptors import (
     ForwardManyToOneDescriptor,
     ForwardOneToOneDescriptor,
@@ -28,6 +29,7 @@ from django.db.models.fields.related_descriptors import (
 )
 from django.db.models.fields.tuple_lookups import TupleIn
 
+from .hydrator import PLAIN_DESCRIPTORS
 from .lookups import AnyOf
 
 KeyFunc = Callable[[Model], Hashable]
@@ -85,13 +87,68 @@ def _linker(
 ) -> Callable[[list[Model]], None]:
     """``link_back``: cache each related object's parent on ``field``, as Django's
     evaluating builders do (the reverse FK one leaves already-cached values alone)."""
+    kind = type(field)
+    if (
+        kind.is_cached is not FieldCacheMixin.is_cached
+        or kind.set_cached_value is not FieldCacheMixin.set_cached_value
+    ):
+
+        def link_back_via_field(related: list[Model]) -> None:
+            for rel_obj in related:
+                if not (keep_cached and field.is_cached(rel_obj)):
+                    field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+
+        return link_back_via_field
+    cache_name = field.cache_name
 
     def link_back(related: list[Model]) -> None:
+        # FieldCacheMixin's is_cached() and set_cached_value(), inlined.
         for rel_obj in related:
-            if not (keep_cached and field.is_cached(rel_obj)):
-                field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+            fields_cache = rel_obj._state.fields_cache
+            if not (keep_cached and cache_name in fields_cache):
+                fields_cache[cache_name] = instances_dict[rel_obj_attr(rel_obj)]
 
     return link_back
+
+
+def _match_keys(
+    related_model: type[Model],
+    related_fields: Sequence[Any],
+    parent_model: type[Model],
+    parent_fields: Sequence[Any],
+    django_keys: tuple[KeyFunc, KeyFunc],
+) -> tuple[KeyFunc, KeyFunc]:
+    """``(rel_obj_attr, instance_attr)``: Django's key functions, or when both sides are
+    one plainly stored field, functions returning that value itself (no tuple, no
+    descriptor call) for instances of exactly those models. Either both or neither."""
+    related_key = _scalar_key(related_model, related_fields, django_keys[0])
+    parent_key = _scalar_key(parent_model, parent_fields, django_keys[1])
+    if related_key is None or parent_key is None:
+        return django_keys
+    return related_key, parent_key
+
+
+def _scalar_key(model: type[Model], fields: Sequence[Any], django_key: KeyFunc) -> KeyFunc | None:
+    """What ``ForeignObject.get_instance_value_for_fields`` reads, as a scalar."""
+    if len(fields) != 1:
+        return None
+    field = fields[0]
+    attname = field.attname
+    if field.primary_key and model._meta.pk is not field:
+        return None  # Django reads instance.pk (a parent link under inheritance)
+    if type(getattr(model, attname, None)) not in PLAIN_DESCRIPTORS:
+        return None
+
+    def key(obj: Any) -> Hashable:
+        if type(obj) is model:
+            try:
+                return obj.__dict__[attname]  # type: ignore[no-any-return]
+            except KeyError:  # deferred: Django's descriptor loads it
+                pass
+        value: Hashable = django_key(obj)[0]  # type: ignore[index]
+        return value
+
+    return key
 
 
 def _forward(
@@ -169,8 +226,13 @@ def _reverse_many_to_one(
         queryset = super(type(manager), manager).get_queryset()
     queryset._add_hints(instance=instances[0])
     queryset = queryset.using(queryset._db or manager._db)
-    rel_obj_attr = fk.get_local_related_value
-    instance_attr = fk.get_foreign_related_value
+    rel_obj_attr, instance_attr = _match_keys(
+        queryset.model,
+        fk.local_related_fields,
+        type(instances[0]),
+        fk.foreign_related_fields,
+        (fk.get_local_related_value, fk.get_foreign_related_value),
+    )
     instances_dict = {instance_attr(inst): inst for inst in instances}
     queryset = _filter_by_parents(queryset, fk, instances)
     link_back = _linker(fk, rel_obj_attr, instances_dict, keep_cached=True)

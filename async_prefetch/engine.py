@@ -27,6 +27,7 @@ from django.db.models.query import get_prefetcher
 
 from . import _compat
 from .builders import RelationQuery, build_relation_query, take_additional_lookups
+from .cached_querysets import queryset_maker
 from .compiler import CompiledQuery, compile_queryset
 from .config import load_config
 from .executor import CallerConnectionExecutor, Executor, PoolExecutor
@@ -405,6 +406,11 @@ class _Run:
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
         touch = self._journal.touch
+        make_queryset = (
+            None
+            if relation.single or as_attr or leaf_queryset is not None
+            else queryset_maker(instances, to_attr)
+        )
         for obj in instances:
             touch(obj)
             vals = rel_obj_cache.get(instance_attr(obj), [])
@@ -419,14 +425,14 @@ class _Run:
             elif as_attr:
                 setattr(obj, to_attr, vals)
             else:
-                manager = getattr(obj, to_attr)
-                if leaf_queryset is not None:
+                qs: Any
+                if make_queryset is not None:
+                    qs = make_queryset(obj)
+                else:
                     source = (
                         leaf_queryset._chain() if _compat.CHAIN_LEAF_QUERYSET else leaf_queryset
                     )
-                    qs = manager._apply_rel_filters(source)
-                else:
-                    qs = _compat.related_manager_queryset(manager)
+                    qs = getattr(obj, to_attr)._apply_rel_filters(source)
                 qs._result_cache = vals
                 qs._prefetch_done = True
                 obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]

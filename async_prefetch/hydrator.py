@@ -87,7 +87,8 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     return instances
 
 
-_PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+"""Descriptors that read a loaded field straight from the instance's ``__dict__``."""
 
 
 def fast_from_db(
@@ -108,7 +109,7 @@ def fast_from_db(
         or pre_init.has_listeners(model)
         or post_init.has_listeners(model)
         or any(
-            type(getattr(model, attname, None)) not in _PLAIN_DESCRIPTORS for attname in init_list
+            type(getattr(model, attname, None)) not in PLAIN_DESCRIPTORS for attname in init_list
         )
     ):
         return None

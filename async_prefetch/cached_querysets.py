@@ -1,0 +1,225 @@
+"""The querysets a to-many prefetch leaves in ``_prefetched_objects_cache``, built in bulk.
+
+For every parent, Django's ``prefetch_one_level`` calls ``getattr(parent, name)`` (a
+related manager) and its ``get_queryset()``: a fresh queryset whose relation filter is
+deferred until someone reads its query. With many parents that is most of the CPU a
+prefetch costs (a manager, a router call and a connection look-up per parent).
+
+:func:`queryset_maker` builds the first parent's queryset exactly that way, then makes
+every other parent's from it, substituting the parent where it appears: the routing
+hint, the deferred filter, the known related object and (Django 6.1) the fetch mode,
+with a fresh copy of the unfiltered query. The substitution is checked once per level
+against a second parent's queryset built by Django; if anything differs (a custom
+manager, another Django version), every parent goes through Django's own path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.core.exceptions import FieldError
+from django.db.models import Model, QuerySet
+from django.db.models.fields.related_descriptors import (
+    ManyToManyDescriptor,
+    ReverseManyToOneDescriptor,
+)
+from django.db.models.sql import Query
+
+from . import _compat
+
+QuerysetMaker = Callable[[Model], QuerySet[Any]]
+
+_ATOMIC = (bool, int, str, type(None))
+
+
+def queryset_maker(parents: list[Model], name: str) -> QuerysetMaker:
+    """A function returning ``getattr(parent, name).get_queryset()`` for ``parents``
+    whose prefetch cache for ``name`` is not filled yet; fast when that is exact."""
+
+    def django_queryset(parent: Model) -> QuerySet[Any]:
+        return _compat.related_manager_queryset(getattr(parent, name))
+
+    if len(parents) < 2:
+        return django_queryset
+    first, second = parents[0], parents[1]
+    parent_class = type(first)
+    descriptor = getattr(parent_class, name, None)
+    kind = type(descriptor)
+    if kind is not ReverseManyToOneDescriptor and kind is not ManyToManyDescriptor:
+        return django_queryset
+    manager = getattr(first, name)
+    template = _compat.related_manager_queryset(manager)
+    derive = (
+        _reverse_fk_deriver(descriptor, template)
+        if kind is ReverseManyToOneDescriptor
+        else _many_to_many_deriver(manager, template)
+    )
+    unused_template = [template]
+    if derive is None or type(second) is not parent_class:
+        derive = _none
+    else:
+        derived = derive(second)
+        if derived is None or not _equivalent(derived, django_queryset(second)):
+            derive = _none
+
+    def make(parent: Model) -> QuerySet[Any]:
+        if parent is first and unused_template:
+            return unused_template.pop()
+        if type(parent) is parent_class:
+            queryset = derive(parent)
+            if queryset is not None:
+                return queryset
+        return django_queryset(parent)
+
+    return make
+
+
+def _none(parent: Model) -> None:
+    return None
+
+
+def _reverse_fk_deriver(
+    descriptor: Any, template: QuerySet[Any]
+) -> Callable[[Model], QuerySet[Any] | None] | None:
+    """Reverse foreign key: ``RelatedManager._apply_rel_filters`` with the parent swapped."""
+    field = descriptor.field
+    try:
+        target_attname = field.target_field.attname
+    except FieldError:  # multi-column relation
+        return None
+    name = field.name
+    new_state = _state_maker(template)
+    if new_state is None:
+        return None
+
+    def derive(parent: Model) -> QuerySet[Any] | None:
+        # A deferred key (a query) or a null one (Django returns .none()): Django's path.
+        value = parent.__dict__.get(target_attname)
+        if value is None:
+            return None
+        state = new_state(parent)
+        state["_deferred_filter"] = (False, (), {name: parent})
+        state["_known_related_objects"] = {field: {value: parent}}
+        return _queryset(template, state)
+
+    return derive
+
+
+def _many_to_many_deriver(
+    manager: Any, template: QuerySet[Any]
+) -> Callable[[Model], QuerySet[Any] | None] | None:
+    """Many-to-many: ``ManyRelatedManager._apply_rel_filters`` with the parent swapped."""
+    filter_keys = [
+        (f"{manager.query_field_name}__{rh_field.name}", rh_field.attname)
+        for _, rh_field in manager.source_field.related_fields
+    ]
+    new_state = _state_maker(template)
+    if new_state is None or template.__dict__.get("_known_related_objects") != {}:
+        return None
+
+    def derive(parent: Model) -> QuerySet[Any] | None:
+        values = parent.__dict__
+        core_filters = {}
+        for key, attname in filter_keys:
+            value = values.get(attname)
+            if value is None:  # deferred, or Django's manager raises: its path
+                return None
+            core_filters[key] = value
+        state = new_state(parent)
+        state["_deferred_filter"] = (False, (), core_filters)
+        state["_known_related_objects"] = {}
+        return _queryset(template, state)
+
+    return derive
+
+
+def _state_maker(template: QuerySet[Any]) -> Callable[[Model], dict[str, Any]] | None:
+    """A function returning, for a parent, ``template``'s ``__dict__`` with the parts that
+    do not depend on the relation's filter made for that parent: routing hint, a fresh
+    unfiltered query, fresh empty containers and (Django 6.1) the parent's fetch mode.
+    ``None`` when the template holds state this cannot reproduce."""
+    base = dict(template.__dict__)
+    hints = base.get("_hints")
+    deferred = base.get("_deferred_filter")
+    if not isinstance(hints, dict) or not isinstance(deferred, tuple) or deferred[1]:
+        return None
+    new_query = _query_maker(base["_query"])
+    fresh: list[tuple[str, type[Any]]] = []
+    for key, value in base.items():
+        if key in _PER_PARENT or isinstance(value, (*_ATOMIC, type)):
+            continue
+        if isinstance(value, tuple) and not value:
+            continue
+        if isinstance(value, (dict, list, set)) and not value:
+            fresh.append((key, type(value)))
+            continue
+        if _compat.HAS_FETCH_MODES and key == "_fetch_mode":
+            continue
+        return None  # state shared by every parent that is not known to be immutable
+    fetch_modes = _compat.HAS_FETCH_MODES and "_fetch_mode" in base
+
+    def new_state(parent: Model) -> dict[str, Any]:
+        state = base.copy()
+        state["_hints"] = {**hints, "instance": parent}
+        state["_query"] = new_query()
+        for key, container in fresh:
+            state[key] = container()
+        if fetch_modes:
+            state["_fetch_mode"] = parent._state.fetch_mode
+        return state
+
+    return new_state
+
+
+# Replaced for each parent by the derivers.
+_PER_PARENT = frozenset(
+    {"_hints", "_query", "_deferred_filter", "_known_related_objects", "_result_cache"}
+)
+
+
+def _query_maker(template: Any) -> Callable[[], Query]:
+    """A function returning a query equal to ``template``, an unfiltered manager query.
+
+    A plain ``Query(model)`` plus ``template``'s scalar attributes when that equals it
+    (the default manager), else a clone per call.
+    """
+    model = template.model
+    plain = vars(Query(model, alias_cols=template.alias_cols))
+    own = vars(template)
+    if own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items()):
+        extra = {key: value for key, value in own.items() if key not in plain}
+        if all(isinstance(value, _ATOMIC) for value in extra.values()):
+            alias_cols = template.alias_cols
+
+            def fresh_query() -> Query:
+                query = Query(model, alias_cols=alias_cols)
+                query.__dict__.update(extra)
+                return query
+
+            return fresh_query
+    clone: Callable[[], Query] = template.clone
+    return clone
+
+
+def _queryset(template: QuerySet[Any], state: dict[str, Any]) -> QuerySet[Any]:
+    queryset: QuerySet[Any] = object.__new__(type(template))
+    queryset.__dict__ = state
+    return queryset
+
+
+def _equivalent(derived: QuerySet[Any], made: QuerySet[Any]) -> bool:
+    """True when ``derived`` holds what Django's ``made`` holds (queries compared by state)."""
+    if type(derived) is not type(made):
+        return False
+    ours, theirs = derived.__dict__, made.__dict__
+    if ours.keys() != theirs.keys():
+        return False
+    for key, value in ours.items():
+        other = theirs[key]
+        if key == "_query":
+            if type(value) is not type(other) or vars(value) != vars(other):
+                return False
+        elif value != other:
+            return False
+    return True

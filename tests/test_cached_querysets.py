@@ -1,0 +1,147 @@
+"""The bulk-built querysets of ``_prefetched_objects_cache`` (``async_prefetch.cached_querysets``).
+
+The engine builds the first parent's cached queryset with Django's related manager and
+derives the others from it. These tests prove that the derivation is actually used where it
+applies (Django's manager path runs only for the first parent and for the check on the
+second), that it is not used where it cannot be exact, and that derived querysets behave as
+Django's do when used afterwards: filtered, pickled, deep-copied, independent of each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import pytest
+from django.db.models import Model, QuerySet, prefetch_related_objects
+
+import async_prefetch
+from async_prefetch import _compat
+from tests.cache_snapshot import assert_same_prefetch
+from tests.conftest import Bookstore
+from tests.test_differential import check_sync, fresh
+from tests.testapp.models import Author, Book, Country, EBook, Location, Tag
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def manager_calls(monkeypatch: pytest.MonkeyPatch) -> list[Model]:
+    """The parents whose cached queryset went through Django's related manager."""
+    calls: list[Model] = []
+    original = _compat.related_manager_queryset
+
+    def counting(manager: Any) -> QuerySet[Any]:
+        calls.append(manager.instance)
+        return original(manager)
+
+    monkeypatch.setattr(_compat, "related_manager_queryset", counting)
+    return calls
+
+
+# (root queryset, lookup): reverse FKs with a plain, a filtering and a to_field relation,
+# and many-to-many in both directions, with and without a through model.
+DERIVED = [
+    pytest.param(Book.objects.order_by("pk"), "pages", id="reverse-fk"),
+    pytest.param(Book.objects.order_by("pk"), "reviews", id="reverse-fk-filtering-manager"),
+    pytest.param(Book.objects.order_by("pk"), "editions", id="reverse-fk-to-field"),
+    pytest.param(Book.objects.order_by("pk"), "authors", id="m2m"),
+    pytest.param(Book.objects.order_by("pk"), "tags", id="m2m-through-to-field"),
+    pytest.param(Author.objects.order_by("pk"), "books", id="m2m-reverse"),
+    pytest.param(Tag.objects.order_by("pk"), "books", id="m2m-reverse-through"),
+    pytest.param(Location.objects.order_by("pk"), "authors", id="reverse-fk-from-managed"),
+]
+
+
+@pytest.mark.parametrize(("root", "lookup"), DERIVED)
+def test_derived_for_all_but_the_first_parents(
+    bookstore: Bookstore, manager_calls: list[Model], root: QuerySet[Any], lookup: str
+) -> None:
+    check_sync(root, [lookup])
+    parents = fresh(root)
+    assert len(parents) >= 3
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(parents, lookup)
+    # The first parent's queryset, and the second one's for the check.
+    assert manager_calls == parents[:2]
+
+
+def test_manager_with_prefetches_is_not_derived(
+    bookstore: Bookstore, manager_calls: list[Model]
+) -> None:
+    """Location's default manager adds ``prefetch_related``: every parent goes through
+    Django's manager, and the result still equals Django's."""
+    root = Country.objects.order_by("pk")
+    check_sync(root, ["locations"])
+    parents = fresh(root)
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(parents, "locations")
+    assert manager_calls == parents
+
+
+def test_deferred_key_loads_as_in_django(bookstore: Bookstore, manager_calls: list[Model]) -> None:
+    """A deferred relation key costs a query per parent, as in Django (``check_sync``
+    counts them); once loaded for matching rows, the querysets are derived."""
+    root = Book.objects.order_by("pk").defer("isbn")
+    check_sync(root, ["editions"])
+    parents = fresh(root)
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(parents, "editions")
+    assert manager_calls == parents[:2]
+
+
+def test_mixed_parent_classes(bookstore: Bookstore, manager_calls: list[Model]) -> None:
+    """Books and an e-book (a subclass): the e-book takes Django's path, all equal Django's."""
+
+    def source() -> list[Book]:
+        books = list(Book.objects.order_by("pk"))
+        return [*books[:2], EBook.objects.get(), *books[2:]]
+
+    check_sync(source, ["pages"])
+    parents = fresh(source)
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(parents, "pages")
+    assert manager_calls == parents[:3]
+
+
+def _prefetched(lookup: str) -> tuple[list[Book], list[Book]]:
+    expected = list(Book.objects.order_by("pk"))
+    prefetch_related_objects(expected, lookup)
+    got = list(Book.objects.order_by("pk"))
+    async_prefetch.prefetch_related_objects(got, lookup)
+    return expected, got
+
+
+@pytest.mark.parametrize("lookup", ["pages", "authors"])
+def test_derived_querysets_behave_as_djangos(bookstore: Bookstore, lookup: str) -> None:
+    expected, got = _prefetched(lookup)
+    for theirs, ours in zip(expected, got, strict=True):
+        mine: QuerySet[Any] = getattr(ours, lookup).all()
+        django: QuerySet[Any] = getattr(theirs, lookup).all()
+        assert mine is ours._prefetched_objects_cache[lookup]  # type: ignore[attr-defined]
+        assert str(mine.query) == str(django.query)
+        assert list(mine.filter(pk__gt=0).values_list("pk", flat=True)) == list(
+            django.filter(pk__gt=0).values_list("pk", flat=True)
+        )
+        restored = pickle.loads(pickle.dumps(mine))
+        assert [obj.pk for obj in restored] == [obj.pk for obj in django]
+        assert str(restored.query) == str(django.query)
+        duplicate = copy.deepcopy(mine)
+        assert duplicate._result_cache is None
+        assert str(duplicate.query) == str(django.query)
+
+
+def test_derived_querysets_share_no_state(bookstore: Bookstore) -> None:
+    """Filtering one parent's cached queryset leaves every other one's query alone."""
+    expected, got = _prefetched("pages")
+    first: Any = got[0].pages.all()
+    first.query.add_q(first.query.where.__class__())  # touch the first one's query
+    first._hints["marker"] = True
+    first._known_related_objects.clear()
+    for theirs, ours in zip(expected[1:], got[1:], strict=True):
+        mine: Any = ours.pages.all()
+        assert "marker" not in mine._hints
+        assert mine._known_related_objects
+        assert str(mine.query) == str(theirs.pages.all().query)
+    assert_same_prefetch(expected[1:], got[1:], ["pages"])
