@@ -16,9 +16,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db.models import Model, Q, QuerySet
-from django.db.models.expressions import ColPairs
-from django.db.models.fields import related_descriptors
+from django.db.models import Field, ForeignKey, IntegerField, Model, Q, QuerySet
+from django.db.models.expressions import Col, ColPairs
+from django.db.models.fields import AutoFieldMixin, related_descriptors
 from django.db.models.fields.mixins import FieldCacheMixin
 from django.db.models.fields.related_descriptors import (
     ForwardManyToOneDescriptor,
@@ -30,9 +30,12 @@ from django.db.models.fields.related_descriptors import (
 from django.db.models.fields.tuple_lookups import TupleIn
 
 from .hydrator import PLAIN_DESCRIPTORS
-from .lookups import AnyOf
+from .lookups import AnyOf, any_instead_of_in
 
 KeyFunc = Callable[[Model], Hashable]
+
+# Integer fields' get_db_prep_value: Field's, or AutoField's (PostgreSQL keeps the value).
+_INTEGER_DB_PREP = (Field.get_db_prep_value, AutoFieldMixin.get_db_prep_value)
 
 # Django's own filter for reverse relations (sliced querysets become a ROW_NUMBER()
 # window); private, but identical in every supported Django line.
@@ -164,12 +167,14 @@ def _forward(
     instances_dict = {instance_attr(inst): inst for inst in instances}
     query: Any = queryset.query
     related_fields = [query.resolve_ref(f.name).target for f in fk.foreign_related_fields]
-    queryset = queryset.filter(
-        TupleIn(
-            ColPairs(queryset.model._meta.db_table, related_fields, related_fields, fk),
-            list(instances_dict),
-        )
-    )
+    table = queryset.model._meta.db_table
+    if len(related_fields) == 1:
+        # Django's one-column TupleIn is ``(col) IN ((%s), (%s), ...)``.
+        column = Col(table, related_fields[0])
+        queryset = queryset.filter(AnyOf(column, [key for (key,) in instances_dict]))
+    else:
+        columns = ColPairs(table, related_fields, related_fields, fk)
+        queryset = queryset.filter(TupleIn(columns, list(instances_dict)))
     queryset.query.clear_ordering()
     link_back = None
     if not fk.remote_field.multiple:  # one-to-one: the related object knows its parent
@@ -191,6 +196,7 @@ def _reverse_one_to_one(
     instance_attr = related.field.get_foreign_related_value
     instances_dict = {instance_attr(inst): inst for inst in instances}
     queryset = queryset.filter(**{f"{related.field.name}__in": instances})
+    any_instead_of_in(queryset.query)
     queryset.query.clear_ordering()
     link_back = _linker(related.field, rel_obj_attr, instances_dict, keep_cached=False)
     return RelationQuery(
@@ -250,11 +256,58 @@ def _reverse_many_to_one(
 def _many_to_many(
     manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
 ) -> RelationQuery:
-    """Many-to-many, both directions: Django's builder does not evaluate, so use it."""
+    """Many-to-many, both directions: Django's builder does not evaluate, so use it,
+    with its ``IN`` list turned into ``= ANY``."""
     rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
         manager.get_prefetch_querysets(instances, querysets)
     )
+    any_instead_of_in(rel_qs.query)
+    fk = manager.through._meta.get_field(manager.source_field_name)
+    rel_obj_attr, instance_attr = _integer_keys(fk, type(instances[0]), rel_obj_attr, instance_attr)
     return RelationQuery(rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor)
+
+
+def _integer_keys(
+    fk: Any, parent_model: type[Model], rel_obj_attr: KeyFunc, instance_attr: KeyFunc
+) -> tuple[KeyFunc, KeyFunc]:
+    """Many-to-many match keys without ``get_db_prep_value`` per object, when exact.
+
+    Django's keys run each side's value through ``get_db_prep_value`` so that both sides
+    compare equal. For a relation to one integer column with Django's own integer
+    preparation, that maps an ``int`` to itself: these keys return such a value as is
+    (the raw ``_prefetch_related_val_*`` column on the related side) and anything else
+    through Django's key. Otherwise Django's keys are returned unchanged.
+    """
+    if len(fk.local_related_fields) != 1:
+        return rel_obj_attr, instance_attr
+    local, target = fk.local_related_fields[0], fk.foreign_related_fields[0]
+    if not (
+        type(local).get_db_prep_value is ForeignKey.get_db_prep_value
+        and isinstance(target, IntegerField)
+        and type(target).get_prep_value is IntegerField.get_prep_value
+        and type(target).get_db_prep_value in _INTEGER_DB_PREP
+        and type(getattr(parent_model, target.attname, None)) in PLAIN_DESCRIPTORS
+        and (not target.primary_key or parent_model._meta.pk is target)
+    ):
+        return rel_obj_attr, instance_attr
+    related_name = f"_prefetch_related_val_{local.attname}"
+    parent_name = target.attname
+
+    def related_key(obj: Any) -> Hashable:
+        value = obj.__dict__.get(related_name)
+        if type(value) is int:
+            return value
+        django_value: Hashable = rel_obj_attr(obj)[0]  # type: ignore[index]
+        return django_value
+
+    def parent_key(obj: Any) -> Hashable:
+        value = obj.__dict__.get(parent_name) if type(obj) is parent_model else None
+        if type(value) is int:
+            return value
+        django_value: Hashable = instance_attr(obj)[0]  # type: ignore[index]
+        return django_value
+
+    return related_key, parent_key
 
 
 def build_relation_query(

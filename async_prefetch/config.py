@@ -28,10 +28,11 @@ class EngineConfig:
     pool: PoolConfig
     max_concurrency: int
     install: bool
+    chunk_size: int | None = 5000  # parent keys per query; None: one query per level
 
 
 _POOL_KEYS = {"MIN_SIZE", "MAX_SIZE", "TIMEOUT", "MAX_IDLE", "MAX_LIFETIME", "CHECK"}
-_TOP_KEYS = {"POOL", "MAX_CONCURRENCY", "INSTALL"}
+_TOP_KEYS = {"POOL", "MAX_CONCURRENCY", "INSTALL", "CHUNK_SIZE"}
 
 
 def _upper_keys(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def load_config() -> EngineConfig:
 
     Keys are case-insensitive: ``{"POOL": {"min_size": 2, "max_size": 10, "timeout": 30,
     "max_idle": 300, "max_lifetime": 3600, "check": False}, "MAX_CONCURRENCY": 10,
-    "INSTALL": False}``.
+    "INSTALL": False, "CHUNK_SIZE": 5000}``.
     """
     raw = _upper_keys(getattr(settings, "ASYNC_PREFETCH", {}), "ASYNC_PREFETCH", _TOP_KEYS)
     pool_raw = _upper_keys(raw.get("POOL", {}), "ASYNC_PREFETCH['POOL']", _POOL_KEYS)
@@ -71,6 +72,14 @@ def load_config() -> EngineConfig:
     max_concurrency = int(raw.get("MAX_CONCURRENCY", pool.max_size))
     if max_concurrency < 1:
         raise ImproperlyConfigured("ASYNC_PREFETCH['MAX_CONCURRENCY'] must be at least 1.")
+    chunk_size = raw.get("CHUNK_SIZE", EngineConfig.chunk_size)
+    if chunk_size is not None:
+        chunk_size = int(chunk_size)
+        if chunk_size < 1:
+            raise ImproperlyConfigured("ASYNC_PREFETCH['CHUNK_SIZE'] must be at least 1 or None.")
     return EngineConfig(
-        pool=pool, max_concurrency=max_concurrency, install=bool(raw.get("INSTALL", False))
+        pool=pool,
+        max_concurrency=max_concurrency,
+        install=bool(raw.get("INSTALL", False)),
+        chunk_size=chunk_size,
     )

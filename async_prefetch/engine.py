@@ -71,15 +71,27 @@ class CallerContext:
 
 
 @dataclass(eq=False)
+class _Part:
+    """One query of a level: all of its parents, or one chunk of a long key list."""
+
+    relation: RelationQuery
+    compiled: CompiledQuery
+    related: list[Model] | None = None  # hydrated rows, once fetched
+
+
+@dataclass(eq=False)
 class _Fetch:
-    """A level's query in flight: the objects it fetches for and how to match results."""
+    """A level's queries in flight: the objects they fetch for and how to match results.
+
+    No parts: the level is delegated to Django's own builder on a worker thread.
+    """
 
     level: Level
     instances: list[Model]
-    relation: RelationQuery | None  # None: delegated to Django on a worker thread
-    compiled: CompiledQuery | None
+    parts: list[_Part]
     prefetcher: Any = None
     step: StepTrace | None = None
+    waiting: int = 0
 
 
 async def run_prefetch(
@@ -234,10 +246,16 @@ class _Run:
         trace = self._caller.trace
         if isinstance(step, _Fetch):
             if trace is not None:
-                kind, sql = ("query", step.compiled.sql) if step.compiled else ("django", None)
-                step.step = trace.start(level.key, kind, sql)
-            self._pending += 1
-            self._tg.start_soon(self._fetch, step)
+                sql = step.parts[0].compiled.sql if step.parts else None
+                step.step = trace.start(level.key, "query" if step.parts else "django", sql)
+            if step.parts:
+                step.waiting = len(step.parts)
+                for part in step.parts:
+                    self._pending += 1
+                    self._tg.start_soon(self._fetch_part, step, part)
+            else:
+                self._pending += 1
+                self._tg.start_soon(self._fetch_delegated, step)
         else:
             if trace is not None and step is not None:
                 trace.finish(trace.start(level.key, "walk"), len(step))
@@ -268,14 +286,49 @@ class _Run:
                 if level.as_attr:
                     # Django checks this after the query; the outcome is the same.
                     _check_to_attr(type(obj_to_fetch[0]), level.to_attr)
-                relation = build_relation_query(
-                    descriptor, prefetcher, obj_to_fetch, level.querysets()
-                )
-                compiled = compile_queryset(relation.queryset) if relation is not None else None
-                return _Fetch(level, obj_to_fetch, relation, compiled, prefetcher)
+                querysets = level.querysets()
+                relation = build_relation_query(descriptor, prefetcher, obj_to_fetch, querysets)
+                if relation is None:
+                    return _Fetch(level, obj_to_fetch, [], prefetcher)
+                relations = self._chunked(relation, descriptor, prefetcher, obj_to_fetch, querysets)
+                parts = [_Part(rel, compile_queryset(rel.queryset)) for rel in relations]
+                return _Fetch(level, obj_to_fetch, parts, prefetcher)
         # Already fetched (select_related, an earlier lookup) or not a relation at all
         # (a property): walk on through the attribute's values.
         return _traverse(obj_list, level.through_attr)
+
+    def _chunked(
+        self,
+        relation: RelationQuery,
+        descriptor: Any,
+        prefetcher: Any,
+        parents: list[Model],
+        querysets: list[Any] | None,
+    ) -> list[RelationQuery]:
+        """``relation``, or one relation per chunk of at most ``CHUNK_SIZE`` parent keys.
+
+        Parents are grouped by their match key first, so each related row is fetched by
+        exactly one chunk (one instance per row, as Django's single query gives). Levels
+        whose queryset has its own ``prefetch_related()`` lookups are not split.
+        """
+        size = self._config.chunk_size
+        if size is None or len(parents) <= size or relation.additional_lookups:
+            return [relation]
+        groups: dict[Any, list[Model]] = {}
+        for parent in parents:
+            groups.setdefault(relation.instance_attr(parent), []).append(parent)
+        if len(groups) <= size:
+            return [relation]
+        grouped = list(groups.values())
+        relations = []
+        for start in range(0, len(grouped), size):
+            chunk = [parent for group in grouped[start : start + size] for parent in group]
+            part = build_relation_query(descriptor, prefetcher, chunk, querysets)
+            assert part is not None
+            relations.append(part)
+        if querysets:  # Django hints the Prefetch queryset with the first parent
+            querysets[0]._add_hints(instance=parents[0])
+        return relations
 
     def _prepare(self, obj_list: list[Any]) -> bool:
         for obj in obj_list:
@@ -290,18 +343,15 @@ class _Run:
 
     # -- fetching ------------------------------------------------------------------
 
-    async def _fetch(self, fetch: _Fetch) -> None:
-        payload: Any
-        if fetch.compiled is not None:
-            compiled = fetch.compiled
-            payload = await self._fetch_rows(compiled) if compiled.sql is not None else []
-        else:
-            payload = await self._call_django(
-                _django_prefetch_querysets,
-                fetch.prefetcher,
-                fetch.instances,
-                fetch.level.querysets(),
-            )
+    async def _fetch_part(self, fetch: _Fetch, part: _Part) -> None:
+        compiled = part.compiled
+        rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
+        await self._send.send((fetch, (part, rows)))
+
+    async def _fetch_delegated(self, fetch: _Fetch) -> None:
+        payload = await self._call_django(
+            _django_prefetch_querysets, fetch.prefetcher, fetch.instances, fetch.level.querysets()
+        )
         await self._send.send((fetch, payload))
 
     async def _fetch_rows(self, compiled: CompiledQuery) -> list[tuple[Any, ...]]:
@@ -328,19 +378,28 @@ class _Run:
 
     async def _on_fetched(self, fetch: _Fetch, payload: Any) -> None:
         level = fetch.level
-        if fetch.relation is not None:
-            assert fetch.compiled is not None
-            relation = fetch.relation
-            related = await self._sync_or_thread(hydrate, fetch.compiled, payload)
+        links: list[tuple[RelationQuery, list[Model]]]
+        if fetch.parts:
+            part, rows = payload
+            part.related = await self._sync_or_thread(hydrate, part.compiled, rows)
+            self._journal.mark_created(part.related)
+            fetch.waiting -= 1
+            if fetch.waiting:
+                return  # hydrated now; linked once every chunk is in
+            relation = fetch.parts[0].relation
             if relation.link_back is not None and relation.additional_lookups:
                 # Django's builder evaluated the queryset, its prefetches included,
                 # before writing the reverse caches (which skip cached relations).
-                await _Run(self._caller).execute(related, relation.additional_lookups, None)
+                assert part.related is not None
+                await _Run(self._caller).execute(part.related, relation.additional_lookups, None)
+            links = [(p.relation, p.related or []) for p in fetch.parts]
+            related = [obj for _, objs in links for obj in objs]
         else:
             relation, related = payload
-        self._journal.mark_created(related)
+            self._journal.mark_created(related)
+            links = [(relation, related)]
         level.fetched = True
-        await self._sync_or_thread(self._link_and_assign, level, fetch.instances, relation, related)
+        await self._sync_or_thread(self._link_and_assign, level, fetch.instances, links, related)
         if fetch.step is not None and self._caller.trace is not None:
             self._caller.trace.finish(fetch.step, len(related))
         if relation.additional_lookups:
@@ -352,16 +411,21 @@ class _Run:
         await self._finish(level, related)
 
     def _link_and_assign(
-        self, level: Level, instances: list[Model], relation: RelationQuery, related: list[Model]
+        self,
+        level: Level,
+        instances: list[Model],
+        links: list[tuple[RelationQuery, list[Model]]],
+        related: list[Model],
     ) -> None:
-        """Reverse caches on the related objects, then the parents' caches.
+        """Reverse caches on the related objects (per query), then the parents' caches.
 
         Key functions may read deferred fields (one query each, as in Django), so
         this may run on a worker thread; repeating it after a partial run is harmless.
         """
-        if relation.link_back is not None:
-            relation.link_back(related)
-        self._assign(level, instances, relation, related)
+        for relation, objs in links:
+            if relation.link_back is not None:
+                relation.link_back(objs)
+        self._assign(level, instances, links[0][0], related)
 
     async def _call_django(self, func: Callable[..., T], *args: Any) -> T:
         """Run synchronous Django code that may query, without blocking the event loop.

@@ -1,0 +1,69 @@
+"""Match keys: the engine's cheaper key functions group rows exactly as Django's do.
+
+``builders`` replaces Django's tuple keys (``get_instance_value_for_fields``, and
+``get_db_prep_value`` per object for many-to-many) with the stored value itself where that is
+exact; elsewhere (string keys of a ``to_field``, UUIDs under preparation) Django's stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db.models import Model
+
+from async_prefetch.builders import build_relation_query
+from async_prefetch.compiler import compile_queryset
+from async_prefetch.hydrator import hydrate
+from tests.conftest import Bookstore
+from tests.testapp.models import Author, Book, EBook, Tag
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def relation_for(parents: list[Model], name: str) -> tuple[Any, Any, list[Model]]:
+    descriptor = getattr(type(parents[0]), name)
+    prefetcher = getattr(parents[0], name)
+    relation = build_relation_query(descriptor, prefetcher, parents, None)
+    assert relation is not None
+    related = hydrate(compile_queryset(relation.queryset), _rows(relation.queryset))
+    django = prefetcher.get_prefetch_querysets(parents, None)
+    return relation, django, related
+
+
+def _rows(queryset: Any) -> list[tuple[Any, ...]]:
+    compiler = queryset.query.get_compiler(queryset.db)
+    return [row for chunk in compiler.execute_sql() for row in chunk]
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "scalar"),
+    [
+        (Book, "pages", True),
+        (Book, "editions", True),  # to_field isbn: the stored string itself
+        (Book, "authors", True),
+        (Author, "books", True),
+        (Book, "tags", True),  # through Tagging: its book side is an integer key
+        (Tag, "books", False),  # through Tagging.tag to Tag.name: prepared strings
+    ],
+)
+def test_keys_group_as_djangos(
+    bookstore: Bookstore, model: type[Model], name: str, scalar: bool
+) -> None:
+    parents = list(model._default_manager.order_by("pk"))
+    relation, django, related = relation_for(parents, name)
+    _, django_rel_key, django_parent_key = django[:3]
+    ours = {relation.instance_attr(p): p for p in parents}
+    theirs = {django_parent_key(p): p for p in parents}
+    assert len(ours) == len(theirs)
+    for obj in related:
+        key = relation.rel_obj_attr(obj)
+        assert isinstance(key, tuple) is not scalar
+        assert ours[key] is theirs[django_rel_key(obj)]
+
+
+def test_mixed_parent_classes_use_djangos_key(bookstore: Bookstore) -> None:
+    books = list(Book.objects.order_by("pk"))
+    ebook = EBook.objects.get()
+    relation, _, _ = relation_for([*books, ebook], "authors")
+    assert relation.instance_attr(ebook) == ebook.pk
