@@ -12,6 +12,7 @@ own ``get_prefetch_querysets()`` for them on a worker thread.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,13 +143,10 @@ def _scalar_key(model: type[Model], fields: Sequence[Any], django_key: KeyFunc) 
     if type(getattr(model, attname, None)) not in PLAIN_DESCRIPTORS:
         return None
 
+    read = operator.attrgetter(attname)  # loads a deferred field, as Django's key does
+
     def key(obj: Any) -> Hashable:
-        if type(obj) is model:
-            try:
-                return obj.__dict__[attname]  # type: ignore[no-any-return]
-            except KeyError:  # deferred: Django's descriptor loads it
-                pass
-        value: Hashable = django_key(obj)[0]  # type: ignore[index]
+        value: Hashable = read(obj) if type(obj) is model else django_key(obj)[0]  # type: ignore[index]
         return value
 
     return key
@@ -294,14 +292,14 @@ def _integer_keys(
     parent_name = target.attname
 
     def related_key(obj: Any) -> Hashable:
-        value = obj.__dict__.get(related_name)
+        value = getattr(obj, related_name, None)
         if type(value) is int:
             return value
         django_value: Hashable = rel_obj_attr(obj)[0]  # type: ignore[index]
         return django_value
 
     def parent_key(obj: Any) -> Hashable:
-        value = obj.__dict__.get(parent_name) if type(obj) is parent_model else None
+        value = getattr(obj, parent_name) if type(obj) is parent_model else None
         if type(value) is int:
             return value
         django_value: Hashable = instance_attr(obj)[0]  # type: ignore[index]

@@ -94,8 +94,9 @@ def _reverse_fk_deriver(
         return None
 
     def derive(parent: Model) -> QuerySet[Any] | None:
-        # A deferred key (a query) or a null one (Django returns .none()): Django's path.
-        value = parent.__dict__.get(target_attname)
+        # A null key (Django returns .none()): Django's path. The key is loaded: the
+        # level matched rows on it.
+        value = getattr(parent, target_attname)
         if value is None:
             return None
         state = new_state(parent)
@@ -119,11 +120,10 @@ def _many_to_many_deriver(
         return None
 
     def derive(parent: Model) -> QuerySet[Any] | None:
-        values = parent.__dict__
         core_filters = {}
         for key, attname in filter_keys:
-            value = values.get(attname)
-            if value is None:  # deferred, or Django's manager raises: its path
+            value = getattr(parent, attname)
+            if value is None:  # Django's manager raises: its path
                 return None
             core_filters[key] = value
         state = new_state(parent)

@@ -77,6 +77,7 @@ class _Part:
     relation: RelationQuery
     compiled: CompiledQuery
     related: list[Model] | None = None  # hydrated rows, once fetched
+    step: StepTrace | None = None
 
 
 @dataclass(eq=False)
@@ -90,7 +91,7 @@ class _Fetch:
     instances: list[Model]
     parts: list[_Part]
     prefetcher: Any = None
-    step: StepTrace | None = None
+    step: StepTrace | None = None  # delegated levels' trace step (parts have their own)
     waiting: int = 0
 
 
@@ -246,8 +247,12 @@ class _Run:
         trace = self._caller.trace
         if isinstance(step, _Fetch):
             if trace is not None:
-                sql = step.parts[0].compiled.sql if step.parts else None
-                step.step = trace.start(level.key, "query" if step.parts else "django", sql)
+                chunks = len(step.parts)
+                for number, part in enumerate(step.parts, 1):
+                    key = level.key if chunks == 1 else f"{level.key} #{number}/{chunks}"
+                    part.step = trace.start(key, "query", part.compiled.sql)
+                if not step.parts:
+                    step.step = trace.start(level.key, "django")
             if step.parts:
                 step.waiting = len(step.parts)
                 for part in step.parts:
@@ -383,6 +388,8 @@ class _Run:
             part, rows = payload
             part.related = await self._sync_or_thread(hydrate, part.compiled, rows)
             self._journal.mark_created(part.related)
+            if part.step is not None and self._caller.trace is not None:
+                self._caller.trace.finish(part.step, len(part.related))
             fetch.waiting -= 1
             if fetch.waiting:
                 return  # hydrated now; linked once every chunk is in

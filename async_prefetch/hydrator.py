@@ -115,16 +115,33 @@ def fast_from_db(
         return None
     new_instance = object.__new__
 
-    def build(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
-        obj = new_instance(model)
+    def new_state(db: str) -> ModelState:
         state = ModelState()
         state.adding = False
         state.db = db
         if fetch_mode is not None:
             state.fetch_mode = fetch_mode
-        attrs = obj.__dict__
-        attrs["_state"] = state
-        attrs.update(zip(field_names, values, strict=True))
+        return state
+
+    if any(type(getattr(model, attname)) is not DeferredAttribute for attname in init_list):
+        # A foreign key's descriptor stores into __dict__ (materialising it, as
+        # Django's __init__ does through that descriptor): fill it directly.
+        def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
+            obj = new_instance(model)
+            attrs = obj.__dict__
+            attrs["_state"] = new_state(db)
+            attrs.update(zip(field_names, values, strict=True))
+            return obj
+
+        return build_dict
+
+    def build(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
+        # Plain attributes only: set them one by one, so that the instance keeps
+        # CPython's compact attribute storage (no __dict__ object), as Django's does.
+        obj = new_instance(model)
+        obj._state = new_state(db)
+        for name, value in zip(field_names, values, strict=True):
+            setattr(obj, name, value)
         return obj
 
     return build
