@@ -194,7 +194,8 @@ def _query_maker(template: Any) -> Callable[[], Query]:
 
             def fresh_query() -> Query:
                 query = Query(model, alias_cols=alias_cols)
-                query.__dict__.update(extra)
+                for name, value in extra.items():  # keeps compact storage (see _queryset)
+                    setattr(query, name, value)
                 return query
 
             return fresh_query
@@ -203,8 +204,11 @@ def _query_maker(template: Any) -> Callable[[], Query]:
 
 
 def _queryset(template: QuerySet[Any], state: dict[str, Any]) -> QuerySet[Any]:
+    # Attribute by attribute, as QuerySet.__init__ sets them: assigning __dict__ would
+    # materialise a dict object that CPython's compact storage otherwise avoids.
     queryset: QuerySet[Any] = object.__new__(type(template))
-    queryset.__dict__ = state
+    for name, value in state.items():
+        setattr(queryset, name, value)
     return queryset
 
 
