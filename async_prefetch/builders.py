@@ -132,22 +132,36 @@ def _match_keys(
     return related_key, parent_key
 
 
-def _scalar_key(model: type[Model], fields: Sequence[Any], django_key: KeyFunc) -> KeyFunc | None:
-    """What ``ForeignObject.get_instance_value_for_fields`` reads, as a scalar."""
+def _scalar_key(
+    model: type[Model], fields: Sequence[Any], django_key: KeyFunc, *, ints_only: bool = False
+) -> KeyFunc | None:
+    """What ``ForeignObject.get_instance_value_for_fields`` reads, as a scalar, or ``None``
+    when that is not one plainly stored field of ``model``."""
     if len(fields) != 1:
         return None
     field = fields[0]
-    attname = field.attname
     if field.primary_key and model._meta.pk is not field:
         return None  # Django reads instance.pk (a parent link under inheritance)
-    if type(getattr(model, attname, None)) not in PLAIN_DESCRIPTORS:
+    if type(getattr(model, field.attname, None)) not in PLAIN_DESCRIPTORS:
         return None
+    return _value_key(model, field.attname, django_key, ints_only=ints_only)
 
-    read = operator.attrgetter(attname)  # loads a deferred field, as Django's key does
+
+def _value_key(
+    model: type[Model], attname: str, django_key: KeyFunc, *, ints_only: bool
+) -> KeyFunc:
+    """``getattr(obj, attname)`` for instances of exactly ``model`` (with ``ints_only``:
+    when that is an ``int``), else the single value of Django's tuple key. Reading an
+    unloaded field loads it, as Django's key does."""
+    read = operator.attrgetter(attname)
 
     def key(obj: Any) -> Hashable:
-        value: Hashable = read(obj) if type(obj) is model else django_key(obj)[0]  # type: ignore[index]
-        return value
+        if type(obj) is model:
+            value: Hashable = read(obj)
+            if not ints_only or type(value) is int:
+                return value
+        django_value: Hashable = django_key(obj)[0]  # type: ignore[index]
+        return django_value
 
     return key
 
@@ -203,7 +217,10 @@ def _reverse_one_to_one(
 
 
 def _filter_by_parents(queryset: Any, fk: Any, instances: list[Model]) -> Any:
-    """Django's ``_filter_prefetch_queryset`` with ``= ANY(%s)`` instead of ``IN``.
+    """Django's ``_filter_prefetch_queryset``, filtering on the parents' key values
+    (``fk__target__in``: a plain ``In`` on the foreign key's own column) rather than on
+    the parents (a ``RelatedIn`` that reads each key back out of each instance and
+    prepares it twice: 46 against 19 ms for 20,000 parents), then sent as ``= ANY``.
 
     Sliced querysets (a ``ROW_NUMBER()`` window) and multi-column keys keep Django's
     own filter.
@@ -211,10 +228,11 @@ def _filter_by_parents(queryset: Any, fk: Any, instances: list[Model]) -> Any:
     targets = fk.foreign_related_fields
     if queryset.query.is_sliced or len(targets) != 1:
         return _filter_prefetch_queryset(queryset, fk.name, instances)
-    attname = targets[0].attname
-    values = [getattr(instance, attname) for instance in instances]
+    target = targets[0]
+    values = list(map(operator.attrgetter(target.attname), instances))
     # As Django's filter: reuse every join already in the query.
-    queryset.query.add_q(Q(**{f"{fk.name}__{AnyOf.lookup_name}": values}), reuse_all=True)
+    queryset.query.add_q(Q(**{f"{fk.name}__{target.name}__in": values}), reuse_all=True)
+    any_instead_of_in(queryset.query)
     return queryset
 
 
@@ -261,12 +279,14 @@ def _many_to_many(
     )
     any_instead_of_in(rel_qs.query)
     fk = manager.through._meta.get_field(manager.source_field_name)
-    rel_obj_attr, instance_attr = _integer_keys(fk, type(instances[0]), rel_obj_attr, instance_attr)
+    rel_obj_attr, instance_attr = _integer_keys(
+        fk, rel_qs, type(instances[0]), (rel_obj_attr, instance_attr)
+    )
     return RelationQuery(rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor)
 
 
 def _integer_keys(
-    fk: Any, parent_model: type[Model], rel_obj_attr: KeyFunc, instance_attr: KeyFunc
+    fk: Any, rel_qs: Any, parent_model: type[Model], keys: tuple[KeyFunc, KeyFunc]
 ) -> tuple[KeyFunc, KeyFunc]:
     """Many-to-many match keys without ``get_db_prep_value`` per object, when exact.
 
@@ -274,38 +294,24 @@ def _integer_keys(
     compare equal. For a relation to one integer column with Django's own integer
     preparation, that maps an ``int`` to itself: these keys return such a value as is
     (the raw ``_prefetch_related_val_*`` column on the related side) and anything else
-    through Django's key. Otherwise Django's keys are returned unchanged.
+    through Django's key. Otherwise ``keys`` (Django's) are returned unchanged.
     """
+    rel_obj_attr, instance_attr = keys
     if len(fk.local_related_fields) != 1:
-        return rel_obj_attr, instance_attr
+        return keys
     local, target = fk.local_related_fields[0], fk.foreign_related_fields[0]
     if not (
         type(local).get_db_prep_value is ForeignKey.get_db_prep_value
         and isinstance(target, IntegerField)
         and type(target).get_prep_value is IntegerField.get_prep_value
         and type(target).get_db_prep_value in _INTEGER_DB_PREP
-        and type(getattr(parent_model, target.attname, None)) in PLAIN_DESCRIPTORS
-        and (not target.primary_key or parent_model._meta.pk is target)
     ):
-        return rel_obj_attr, instance_attr
+        return keys
+    parent_key = _scalar_key(parent_model, [target], instance_attr, ints_only=True)
+    if parent_key is None:
+        return keys
     related_name = f"_prefetch_related_val_{local.attname}"
-    parent_name = target.attname
-
-    def related_key(obj: Any) -> Hashable:
-        value = getattr(obj, related_name, None)
-        if type(value) is int:
-            return value
-        django_value: Hashable = rel_obj_attr(obj)[0]  # type: ignore[index]
-        return django_value
-
-    def parent_key(obj: Any) -> Hashable:
-        value = getattr(obj, parent_name) if type(obj) is parent_model else None
-        if type(value) is int:
-            return value
-        django_value: Hashable = instance_attr(obj)[0]  # type: ignore[index]
-        return django_value
-
-    return related_key, parent_key
+    return _value_key(rel_qs.model, related_name, rel_obj_attr, ints_only=True), parent_key
 
 
 def build_relation_query(

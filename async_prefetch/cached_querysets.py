@@ -5,10 +5,10 @@ related manager) and its ``get_queryset()``: a fresh queryset whose relation fil
 deferred until someone reads its query. With many parents that is most of the CPU a
 prefetch costs (a manager, a router call and a connection look-up per parent).
 
-:func:`queryset_maker` builds the first parent's queryset exactly that way, then makes
-every other parent's from it, substituting the parent where it appears: the routing
-hint, the deferred filter, the known related object and (Django 6.1) the fetch mode,
-with a fresh copy of the unfiltered query. The substitution is checked once per level
+:func:`queryset_maker` builds the first parent's queryset exactly that way as a
+template, then makes every parent's from it, substituting the parent where it appears:
+the routing hint, the deferred filter, the known related object and (Django 6.1) the
+fetch mode, with a fresh copy of the unfiltered query. The substitution is checked once per level
 against a second parent's queryset built by Django; if anything differs (a custom
 manager, another Django version), every parent goes through Django's own path.
 """
@@ -46,42 +46,33 @@ def queryset_maker(parents: list[Model], name: str) -> QuerysetMaker:
     parent_class = type(first)
     descriptor = getattr(parent_class, name, None)
     kind = type(descriptor)
-    if kind is not ReverseManyToOneDescriptor and kind is not ManyToManyDescriptor:
+    if type(second) is not parent_class or kind not in _DERIVABLE:
         return django_queryset
     manager = getattr(first, name)
     template = _compat.related_manager_queryset(manager)
-    derive = (
-        _reverse_fk_deriver(descriptor, template)
-        if kind is ReverseManyToOneDescriptor
-        else _many_to_many_deriver(manager, template)
-    )
-    unused_template = [template]
-    if derive is None or type(second) is not parent_class:
-        derive = _none
+    if kind is ReverseManyToOneDescriptor:
+        derive = _reverse_fk_deriver(descriptor, template)
     else:
-        derived = derive(second)
-        if derived is None or not _equivalent(derived, django_queryset(second)):
-            derive = _none
+        derive = _many_to_many_deriver(manager, template)
+    if derive is None:
+        return django_queryset
+    derived = derive(second)
+    if derived is None or not _equivalent(derived, django_queryset(second)):
+        return django_queryset
 
     def make(parent: Model) -> QuerySet[Any]:
-        if parent is first and unused_template:
-            return unused_template.pop()
-        if type(parent) is parent_class:
-            queryset = derive(parent)
-            if queryset is not None:
-                return queryset
-        return django_queryset(parent)
+        queryset = derive(parent) if type(parent) is parent_class else None
+        return django_queryset(parent) if queryset is None else queryset
 
     return make
 
 
-def _none(parent: Model) -> None:
-    return None
+_DERIVABLE = (ReverseManyToOneDescriptor, ManyToManyDescriptor)
+
+Deriver = Callable[[Model], "QuerySet[Any] | None"]
 
 
-def _reverse_fk_deriver(
-    descriptor: Any, template: QuerySet[Any]
-) -> Callable[[Model], QuerySet[Any] | None] | None:
+def _reverse_fk_deriver(descriptor: Any, template: QuerySet[Any]) -> Deriver | None:
     """Reverse foreign key: ``RelatedManager._apply_rel_filters`` with the parent swapped."""
     field = descriptor.field
     try:
@@ -89,8 +80,8 @@ def _reverse_fk_deriver(
     except FieldError:  # multi-column relation
         return None
     name = field.name
-    new_state = _state_maker(template)
-    if new_state is None:
+    new_queryset = _queryset_maker(template)
+    if new_queryset is None:
         return None
 
     def derive(parent: Model) -> QuerySet[Any] | None:
@@ -99,24 +90,19 @@ def _reverse_fk_deriver(
         value = getattr(parent, target_attname)
         if value is None:
             return None
-        state = new_state(parent)
-        state["_deferred_filter"] = (False, (), {name: parent})
-        state["_known_related_objects"] = {field: {value: parent}}
-        return _queryset(template, state)
+        return new_queryset(parent, {name: parent}, {field: {value: parent}})
 
     return derive
 
 
-def _many_to_many_deriver(
-    manager: Any, template: QuerySet[Any]
-) -> Callable[[Model], QuerySet[Any] | None] | None:
+def _many_to_many_deriver(manager: Any, template: QuerySet[Any]) -> Deriver | None:
     """Many-to-many: ``ManyRelatedManager._apply_rel_filters`` with the parent swapped."""
     filter_keys = [
         (f"{manager.query_field_name}__{rh_field.name}", rh_field.attname)
         for _, rh_field in manager.source_field.related_fields
     ]
-    new_state = _state_maker(template)
-    if new_state is None or template.__dict__.get("_known_related_objects") != {}:
+    new_queryset = _queryset_maker(template)
+    if new_queryset is None or template.__dict__.get("_known_related_objects") != {}:
         return None
 
     def derive(parent: Model) -> QuerySet[Any] | None:
@@ -126,25 +112,29 @@ def _many_to_many_deriver(
             if value is None:  # Django's manager raises: its path
                 return None
             core_filters[key] = value
-        state = new_state(parent)
-        state["_deferred_filter"] = (False, (), core_filters)
-        state["_known_related_objects"] = {}
-        return _queryset(template, state)
+        return new_queryset(parent, core_filters, {})
 
     return derive
 
 
-def _state_maker(template: QuerySet[Any]) -> Callable[[Model], dict[str, Any]] | None:
-    """A function returning, for a parent, ``template``'s ``__dict__`` with the parts that
-    do not depend on the relation's filter made for that parent: routing hint, a fresh
-    unfiltered query, fresh empty containers and (Django 6.1) the parent's fetch mode.
-    ``None`` when the template holds state this cannot reproduce."""
+def _queryset_maker(
+    template: QuerySet[Any],
+) -> Callable[[Model, dict[str, Any], dict[Any, Any]], QuerySet[Any]] | None:
+    """A function making, for a parent, its relation filter and known related objects,
+    a queryset holding ``template``'s state with the parent-dependent parts replaced:
+    routing hint, deferred filter, known related objects, a fresh unfiltered query,
+    fresh empty containers and (Django 6.1) the parent's fetch mode. ``None`` when the
+    template holds state this cannot reproduce.
+
+    Attributes are set one by one, as ``QuerySet.__init__`` sets them: assigning
+    ``__dict__`` would materialise a dict object that CPython's compact attribute
+    storage otherwise avoids.
+    """
     base = dict(template.__dict__)
     hints = base.get("_hints")
     deferred = base.get("_deferred_filter")
     if not isinstance(hints, dict) or not isinstance(deferred, tuple) or deferred[1]:
         return None
-    new_query = _query_maker(base["_query"])
     fresh: list[tuple[str, type[Any]]] = []
     for key, value in base.items():
         if key in _PER_PARENT or isinstance(value, (*_ATOMIC, type)):
@@ -157,22 +147,32 @@ def _state_maker(template: QuerySet[Any]) -> Callable[[Model], dict[str, Any]] |
         if _compat.HAS_FETCH_MODES and key == "_fetch_mode":
             continue
         return None  # state shared by every parent that is not known to be immutable
+    new_query = _query_maker(base["_query"])
     fetch_modes = _compat.HAS_FETCH_MODES and "_fetch_mode" in base
+    queryset_class = type(template)
+    shared = list(base.items())
+    negate = deferred[0]
 
-    def new_state(parent: Model) -> dict[str, Any]:
-        state = base.copy()
-        state["_hints"] = {**hints, "instance": parent}
-        state["_query"] = new_query()
+    def new_queryset(
+        parent: Model, core_filters: dict[str, Any], known_related: dict[Any, Any]
+    ) -> QuerySet[Any]:
+        queryset: Any = object.__new__(queryset_class)
+        for key, value in shared:  # template order; per-parent values replaced below
+            setattr(queryset, key, value)
+        queryset._hints = {**hints, "instance": parent}
+        queryset._query = new_query()
+        queryset._deferred_filter = (negate, (), core_filters)
+        queryset._known_related_objects = known_related
         for key, container in fresh:
-            state[key] = container()
+            setattr(queryset, key, container())
         if fetch_modes:
-            state["_fetch_mode"] = parent._state.fetch_mode
-        return state
+            queryset._fetch_mode = parent._state.fetch_mode
+        return queryset  # type: ignore[no-any-return]
 
-    return new_state
+    return new_queryset
 
 
-# Replaced for each parent by the derivers.
+# Replaced for each parent by _queryset_maker (_result_cache by the engine).
 _PER_PARENT = frozenset(
     {"_hints", "_query", "_deferred_filter", "_known_related_objects", "_result_cache"}
 )
@@ -188,28 +188,19 @@ def _query_maker(template: Any) -> Callable[[], Query]:
     plain = vars(Query(model, alias_cols=template.alias_cols))
     own = vars(template)
     if own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items()):
-        extra = {key: value for key, value in own.items() if key not in plain}
-        if all(isinstance(value, _ATOMIC) for value in extra.values()):
+        extra = [(key, value) for key, value in own.items() if key not in plain]
+        if all(isinstance(value, _ATOMIC) for _, value in extra):
             alias_cols = template.alias_cols
 
             def fresh_query() -> Query:
                 query = Query(model, alias_cols=alias_cols)
-                for name, value in extra.items():  # keeps compact storage (see _queryset)
-                    setattr(query, name, value)
+                for key, value in extra:  # one by one: see _queryset_maker
+                    setattr(query, key, value)
                 return query
 
             return fresh_query
     clone: Callable[[], Query] = template.clone
     return clone
-
-
-def _queryset(template: QuerySet[Any], state: dict[str, Any]) -> QuerySet[Any]:
-    # Attribute by attribute, as QuerySet.__init__ sets them: assigning __dict__ would
-    # materialise a dict object that CPython's compact storage otherwise avoids.
-    queryset: QuerySet[Any] = object.__new__(type(template))
-    for name, value in state.items():
-        setattr(queryset, name, value)
-    return queryset
 
 
 def _equivalent(derived: QuerySet[Any], made: QuerySet[Any]) -> bool:

@@ -92,7 +92,6 @@ class _Fetch:
     parts: list[_Part]
     prefetcher: Any = None
     step: StepTrace | None = None  # delegated levels' trace step (parts have their own)
-    waiting: int = 0
 
 
 async def run_prefetch(
@@ -246,25 +245,29 @@ class _Run:
         step = await self._sync_or_thread(self._decide, level, obj_list)
         trace = self._caller.trace
         if isinstance(step, _Fetch):
-            if trace is not None:
-                chunks = len(step.parts)
-                for number, part in enumerate(step.parts, 1):
-                    key = level.key if chunks == 1 else f"{level.key} #{number}/{chunks}"
-                    part.step = trace.start(key, "query", part.compiled.sql)
-                if not step.parts:
-                    step.step = trace.start(level.key, "django")
-            if step.parts:
-                step.waiting = len(step.parts)
-                for part in step.parts:
-                    self._pending += 1
-                    self._tg.start_soon(self._fetch_part, step, part)
-            else:
-                self._pending += 1
-                self._tg.start_soon(self._fetch_delegated, step)
+            self._launch(step)
         else:
             if trace is not None and step is not None:
                 trace.finish(trace.start(level.key, "walk"), len(step))
             await self._finish(level, step)
+
+    def _launch(self, fetch: _Fetch) -> None:
+        """Start a fetch task per part (per chunk), or one for a delegated level."""
+        trace = self._caller.trace
+        key = fetch.level.key
+        if not fetch.parts:
+            if trace is not None:
+                fetch.step = trace.start(key, "django")
+            self._pending += 1
+            self._tg.start_soon(self._fetch_delegated, fetch)
+            return
+        chunks = len(fetch.parts)
+        for number, part in enumerate(fetch.parts, 1):
+            if trace is not None:
+                name = key if chunks == 1 else f"{key} #{number}/{chunks}"
+                part.step = trace.start(name, "query", part.compiled.sql)
+            self._pending += 1
+            self._tg.start_soon(self._fetch_part, fetch, part)
 
     def _decide(self, level: Level, obj_list: list[Any]) -> _Fetch | list[Any] | None:
         """Fetch (a ``_Fetch`` to run), walk (the next objects) or stop (``None``)."""
@@ -291,46 +294,46 @@ class _Run:
                 if level.as_attr:
                     # Django checks this after the query; the outcome is the same.
                     _check_to_attr(type(obj_to_fetch[0]), level.to_attr)
-                querysets = level.querysets()
-                relation = build_relation_query(descriptor, prefetcher, obj_to_fetch, querysets)
-                if relation is None:
-                    return _Fetch(level, obj_to_fetch, [], prefetcher)
-                relations = self._chunked(relation, descriptor, prefetcher, obj_to_fetch, querysets)
+                relations = self._relations(descriptor, prefetcher, obj_to_fetch, level.querysets())
                 parts = [_Part(rel, compile_queryset(rel.queryset)) for rel in relations]
                 return _Fetch(level, obj_to_fetch, parts, prefetcher)
         # Already fetched (select_related, an earlier lookup) or not a relation at all
         # (a property): walk on through the attribute's values.
         return _traverse(obj_list, level.through_attr)
 
-    def _chunked(
-        self,
-        relation: RelationQuery,
-        descriptor: Any,
-        prefetcher: Any,
-        parents: list[Model],
-        querysets: list[Any] | None,
+    def _relations(
+        self, descriptor: Any, prefetcher: Any, parents: list[Model], querysets: list[Any] | None
     ) -> list[RelationQuery]:
-        """``relation``, or one relation per chunk of at most ``CHUNK_SIZE`` parent keys.
+        """The level's queries: one, one per chunk of at most ``CHUNK_SIZE`` parent keys,
+        or none when the relation kind is delegated to Django.
 
         Parents are grouped by their match key first, so each related row is fetched by
         exactly one chunk (one instance per row, as Django's single query gives). Levels
         whose queryset has its own ``prefetch_related()`` lookups are not split.
         """
         size = self._config.chunk_size
-        if size is None or len(parents) <= size or relation.additional_lookups:
-            return [relation]
+        if size is None or len(parents) <= size:
+            relation = build_relation_query(descriptor, prefetcher, parents, querysets)
+            return [] if relation is None else [relation]
+        # Key functions and lookups do not depend on the parents: learn them from one.
+        probe = build_relation_query(descriptor, prefetcher, parents[:1], querysets)
+        if probe is None:
+            return []
         groups: dict[Any, list[Model]] = {}
         for parent in parents:
-            groups.setdefault(relation.instance_attr(parent), []).append(parent)
-        if len(groups) <= size:
-            return [relation]
-        grouped = list(groups.values())
+            groups.setdefault(probe.instance_attr(parent), []).append(parent)
+        chunks = [parents]
+        if len(groups) > size and not probe.additional_lookups:
+            grouped = list(groups.values())
+            chunks = [
+                [parent for group in grouped[start : start + size] for parent in group]
+                for start in range(0, len(grouped), size)
+            ]
         relations = []
-        for start in range(0, len(grouped), size):
-            chunk = [parent for group in grouped[start : start + size] for parent in group]
-            part = build_relation_query(descriptor, prefetcher, chunk, querysets)
-            assert part is not None
-            relations.append(part)
+        for chunk in chunks:
+            relation = build_relation_query(descriptor, prefetcher, chunk, querysets)
+            assert relation is not None  # the probe's relation kind
+            relations.append(relation)
         if querysets:  # Django hints the Prefetch queryset with the first parent
             querysets[0]._add_hints(instance=parents[0])
         return relations
@@ -390,16 +393,15 @@ class _Run:
             self._journal.mark_created(part.related)
             if part.step is not None and self._caller.trace is not None:
                 self._caller.trace.finish(part.step, len(part.related))
-            fetch.waiting -= 1
-            if fetch.waiting:
+            if any(p.related is None for p in fetch.parts):
                 return  # hydrated now; linked once every chunk is in
-            relation = fetch.parts[0].relation
+            links = [(p.relation, p.related or []) for p in fetch.parts]
+            relation = links[0][0]
             if relation.link_back is not None and relation.additional_lookups:
                 # Django's builder evaluated the queryset, its prefetches included,
                 # before writing the reverse caches (which skip cached relations).
-                assert part.related is not None
-                await _Run(self._caller).execute(part.related, relation.additional_lookups, None)
-            links = [(p.relation, p.related or []) for p in fetch.parts]
+                # (Such levels are never split: there is one part.)
+                await _Run(self._caller).execute(links[0][1], relation.additional_lookups, None)
             related = [obj for _, objs in links for obj in objs]
         else:
             relation, related = payload

@@ -58,10 +58,10 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     track_peers = _compat.tracks_peers(fetch_mode)
     peers: list[Any] = []
 
-    if compiler.has_extra_select:
-        col_count = compiler.col_count
-        rows = [row[:col_count] for row in rows]
     results: list[Any] = [rows]
+    if compiler.has_extra_select:  # trim ordering-only columns, a row at a time as Django
+        col_count = compiler.col_count
+        results = [(row[:col_count] for row in rows)]
     instances: list[Model] = []
     for row in compiler.results_iter(results=results):
         obj = from_db(db, init_list, row[start:end])
@@ -103,14 +103,13 @@ def fast_from_db(
     ``__dict__`` holds ``_state`` (``adding=False``, ``db``, 6.1's fetch mode) and the
     loaded values, in field order: that is built directly. Otherwise ``None``.
     """
+    descriptors = {type(getattr(model, attname, None)) for attname in init_list}
     if (
         model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
         or model.__init__ is not Model.__init__
         or pre_init.has_listeners(model)
         or post_init.has_listeners(model)
-        or any(
-            type(getattr(model, attname, None)) not in PLAIN_DESCRIPTORS for attname in init_list
-        )
+        or not descriptors.issubset(PLAIN_DESCRIPTORS)
     ):
         return None
     new_instance = object.__new__
@@ -123,7 +122,7 @@ def fast_from_db(
             state.fetch_mode = fetch_mode
         return state
 
-    if any(type(getattr(model, attname)) is not DeferredAttribute for attname in init_list):
+    if descriptors != {DeferredAttribute}:
         # A foreign key's descriptor stores into __dict__ (materialising it, as
         # Django's __init__ does through that descriptor): fill it directly.
         def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:

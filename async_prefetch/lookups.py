@@ -2,10 +2,12 @@
 
 psycopg renders an ``IN`` list parameter by parameter (about 60 ms for 20,000 ids on
 this machine, 9 ms as one array) and the server sees a new statement shape for every
-list length; one array keeps both constant. The lookup is registered on ``Field`` and
-``ForeignObject`` under a private name and used by the engine's own query builders
-only (or swapped in by :func:`any_instead_of_in`); elsewhere, and for subqueries or
-expressions, it renders exactly as ``__in``.
+list length; one array keeps both constant. The engine's builders let Django add its
+own ``__in`` filter and then swap that condition for :class:`AnyOf`
+(:func:`any_instead_of_in`); the forward foreign key builder, where Django uses a
+one-column tuple ``IN``, builds an ``AnyOf`` itself. No lookup is registered on
+Django's fields. On other backends, and for subqueries or expressions, ``AnyOf``
+renders exactly as ``IN``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet
-from django.db.models import Field
 from django.db.models.expressions import ColPairs
-from django.db.models.fields.related import ForeignObject
 from django.db.models.fields.related_lookups import RelatedIn
 from django.db.models.lookups import In
 from django.db.models.sql.where import AND
@@ -24,8 +24,6 @@ from django.utils.datastructures import OrderedSet
 
 class AnyOf(In):
     """``field = ANY(%s)`` with the distinct non-null values as one list parameter."""
-
-    lookup_name = "async_prefetch_any"
 
     def process_rhs(self, compiler: Any, connection: Any) -> tuple[str, Any]:
         if connection.vendor != "postgresql" or not self.rhs_is_direct_value():
@@ -60,9 +58,8 @@ def any_instead_of_in(query: Any) -> None:
         return
     if not last.rhs_is_direct_value():
         return
-    where.children[-1] = AnyOf(last.lhs, last.rhs)
-
-
-# Related fields do not inherit Field's lookups.
-Field.register_lookup(AnyOf)
-ForeignObject.register_lookup(AnyOf)
+    # Django prepared the values already, as In (AnyOf's base) would: take the
+    # lookup's state as it is rather than preparing every value a second time.
+    any_of = object.__new__(AnyOf)
+    any_of.__dict__.update(vars(last))
+    where.children[-1] = any_of

@@ -7,10 +7,12 @@ exact; elsewhere (string keys of a ``to_field``, UUIDs under preparation) Django
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db.models import Model
+from django.db.models import Field, ForeignKey, Model
+from django.db.models.fields.related import ForeignObject
 
 from async_prefetch.builders import build_relation_query
 from async_prefetch.compiler import compile_queryset
@@ -48,18 +50,45 @@ def _rows(queryset: Any) -> list[tuple[Any, ...]]:
     ],
 )
 def test_keys_group_as_djangos(
-    bookstore: Bookstore, model: type[Model], name: str, scalar: bool
+    bookstore: Bookstore,
+    monkeypatch: pytest.MonkeyPatch,
+    model: type[Model],
+    name: str,
+    scalar: bool,
 ) -> None:
     parents = list(model._default_manager.order_by("pk"))
     relation, django, related = relation_for(parents, name)
     _, django_rel_key, django_parent_key = django[:3]
-    ours = {relation.instance_attr(p): p for p in parents}
     theirs = {django_parent_key(p): p for p in parents}
+    django_calls = count_django_key_work(monkeypatch)
+    ours = {relation.instance_attr(p): p for p in parents}
+    keys = [relation.rel_obj_attr(obj) for obj in related]
+    # Plain keys never fall back to Django's per-object work; Django's keys always do it.
+    assert (django_calls() == 0) is scalar
+    monkeypatch.undo()
     assert len(ours) == len(theirs)
-    for obj in related:
-        key = relation.rel_obj_attr(obj)
+    for obj, key in zip(related, keys, strict=True):
         assert isinstance(key, tuple) is not scalar
         assert ours[key] is theirs[django_rel_key(obj)]
+
+
+def count_django_key_work(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count calls of what Django's key functions do per object."""
+    calls = [0]
+
+    def counting(cls: type[Any], method: str) -> None:
+        original = getattr(cls, method)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counted)
+
+    counting(ForeignObject, "get_instance_value_for_fields")
+    counting(ForeignKey, "get_db_prep_value")
+    counting(Field, "get_db_prep_value")
+    return lambda: calls[0]
 
 
 def test_mixed_parent_classes_use_djangos_key(bookstore: Bookstore) -> None:
