@@ -132,9 +132,13 @@ def prefetch(
     queryset, all_lookups = _split(qs_or_instances, lookups, using)
     caller = CallerContext.capture()
     alias = queryset.db
-    if not _engine_supports(alias) or caller.in_atomic(alias) or not _engine_root(queryset):
+    if not _engine_supports(alias) or caller.in_atomic(alias):
         instances = list(queryset)
-        prefetch_related_objects(instances, *all_lookups)
+        django_prefetch_related_objects(instances, *all_lookups)
+        return instances
+    if not _engine_root(queryset):  # rows Django builds; the lookups still concurrent
+        instances = list(queryset)
+        bridge.run_sync(run_prefetch, instances, all_lookups, caller)
         return instances
     return bridge.run_sync(_run_root, queryset, all_lookups, caller)
 

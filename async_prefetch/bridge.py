@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from django.core.exceptions import SynchronousOnlyOperation
 
@@ -24,16 +24,14 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _portal: BlockingPortal | None = None
 _portal_cm: AbstractContextManager[BlockingPortal] | None = None
-_portal_thread: int | None = None
 
 
 def _get_portal() -> BlockingPortal:
-    global _portal, _portal_cm, _portal_thread
+    global _portal, _portal_cm
     with _lock:
         if _portal is None:
             _portal_cm = start_blocking_portal(name="async_prefetch")
             _portal = _portal_cm.__enter__()
-            _portal_thread = _portal.call(threading.get_ident)
             atexit.register(shutdown)
         return _portal
 
@@ -42,7 +40,8 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``await func(*args)`` on the engine's loop thread and wait for the result.
 
     Raises Django's ``SynchronousOnlyOperation`` when called from a thread that runs
-    an event loop (use the async API there), like Django's own ORM.
+    an event loop (use the async API there), like Django's own ORM; the engine's own
+    thread is one of those.
     """
     try:
         asyncio.get_running_loop()
@@ -52,17 +51,15 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
         raise SynchronousOnlyOperation(
             "You cannot call this from an async context - use a thread or sync_to_async."
         )
-    portal = _get_portal()
-    if threading.get_ident() == _portal_thread:
-        raise RuntimeError("async_prefetch's sync API was called from inside the engine.")
-    return portal.call(func, *args)
+    return _get_portal().call(func, *args)
 
 
 async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Await ``func(*args)`` run on the engine's loop thread, from any asyncio loop.
 
-    Cancelling the caller cancels the engine task and waits (shielded) until it has
-    unwound, so the caller never sees instances the engine is still restoring.
+    Cancelling the caller cancels the engine task and waits until it has unwound,
+    through any further cancellation (``task.cancel()`` again, a timeout firing inside
+    a task group), so the caller never sees instances the engine is still restoring.
     """
     portal = _get_portal()
     finished: Future[None] = Future()
@@ -78,17 +75,20 @@ async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         future.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wrap_future(finished)
+        unwound = asyncio.wrap_future(finished)
+        while not unwound.done():
+            # An anyio shield does not hold against a native task.cancel(); this does.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(unwound)
         raise
 
 
 def shutdown() -> None:
     """Close the engine thread's pools and stop the thread (registered at exit)."""
-    global _portal, _portal_cm, _portal_thread
+    global _portal, _portal_cm
     with _lock:
         portal, portal_cm = _portal, _portal_cm
-        _portal = _portal_cm = _portal_thread = None
+        _portal = _portal_cm = None
     if portal is None or portal_cm is None:
         return
     from .pools import close_pools

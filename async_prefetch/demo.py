@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import django
 from django.apps import apps
@@ -50,7 +50,7 @@ class DemoResult:
     queries: int
     seconds: float
     sample: list[str]
-    signature: list[tuple[object, ...]]
+    signature: list[Any]
     plan: str = ""
 
 
@@ -226,19 +226,16 @@ def describe(book: Book) -> str:
     )
 
 
-def signature(books: Sequence[Book]) -> list[tuple[object, ...]]:
-    """Everything the page shows, by primary key and in order: equal pages, equal lists."""
-    return [
-        (
-            b.pk,
-            b.publisher.pk,
-            tuple((a.pk, a.location.pk if a.location else None) for a in b.authors.all()),
-            tuple(t.pk for t in b.tags.all()),
-            tuple(p.pk for p in b.pages.all()),
-            tuple(r.pk for r in b.good_reviews),  # type: ignore[attr-defined]
-        )
-        for b in books
-    ]
+PAGE_PATHS = ("publisher", "authors__location", "tags", "pages", "good_reviews")
+"""Everything the page shows: :func:`signature` records these relations."""
+
+
+def signature(books: Sequence[Book]) -> list[Any]:
+    """Everything the page shows, by primary key and in order: equal pages, equal lists.
+    Reads caches only: a relation that was not prefetched raises instead of loading."""
+    from async_prefetch.bench.workloads import signature as relation_signature
+
+    return relation_signature(books, PAGE_PATHS)
 
 
 def run_django_side(page_size: int = 50) -> DemoResult:
@@ -280,7 +277,7 @@ def run_engine_side(page_size: int = 50) -> DemoResult:
     )
 
 
-def best_of(runs: int, sides: Sequence[Callable[[], DemoResult]]) -> list[DemoResult]:
+def median_of(runs: int, sides: Sequence[Callable[[], DemoResult]]) -> list[DemoResult]:
     """Run the sides alternately ``runs`` times; each side's result with its median time."""
     results: list[list[DemoResult]] = [[] for _ in sides]
     for _ in range(runs):
@@ -332,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rtt_ms > 0:
             from async_prefetch.bench.latency_proxy import LatencyProxyProcess
 
-            running = stack.enter_context(LatencyProxyProcess(_upstream(server), args.rtt_ms))
+            running = stack.enter_context(LatencyProxyProcess(server.address(), args.rtt_ms))
             proxy = (running.host, running.port)
             print(f"Through a latency proxy adding {args.rtt_ms:g} ms per round trip")
         configure_django(server, proxy)
@@ -344,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides = [partial(run_django_side, args.page_size), partial(run_engine_side, args.page_size)]
         for side in sides:  # warm up: connections, pool, caches
             side()
-        django_result, engine_result = best_of(args.runs, sides)
+        django_result, engine_result = median_of(args.runs, sides)
         print()
         print_result(django_result)
         print()
@@ -359,10 +356,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rtt_ms == 0:
             print("On loopback a round trip costs almost nothing; try --rtt-ms 2.")
     return 0 if same else 1
-
-
-def _upstream(server: ServerInfo) -> str | tuple[str, int]:
-    """Where the latency proxy connects: the server's unix socket file or host and port."""
-    host = server.host or "/var/run/postgresql"
-    port = server.port or 5432
-    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)

@@ -103,6 +103,19 @@ class ServerInfo:
         query = "?" + urlencode(params, quote_via=quote, safe="/") if params else ""
         return f"postgresql://{auth}@{netloc_host}{port}/{quote(self.dbname, safe='')}{query}"
 
+    def address(self) -> str | tuple[str, int]:
+        """Where a raw client connects: the unix socket file, or ``(host, port)``.
+
+        Raises ``ValueError`` for libpq's default socket directory (``host`` ``""``), which
+        only libpq knows.
+        """
+        port = self.port or 5432
+        if self.host.startswith("/"):
+            return f"{self.host}/.s.PGSQL.{port}"
+        if not self.host:
+            raise ValueError("the server is on libpq's default socket directory; set a host")
+        return (self.host, port)
+
     def django_database(self, **overrides: Any) -> dict[str, Any]:
         """A ``DATABASES`` entry for ``django.db.backends.postgresql``; ``overrides`` win."""
         entry: dict[str, Any] = {

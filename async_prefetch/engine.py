@@ -42,7 +42,7 @@ from .planner import (
     not_prefetchable,
     to_attr_conflict,
 )
-from .trace import RunTrace, StepTrace, current_trace
+from .trace import ROOT_KEY, RunTrace, StepTrace, current_trace
 
 __all__ = ["CallerContext", "run_prefetch"]
 
@@ -137,7 +137,7 @@ class _Run:
         if root_queryset is not None:
             compiled = compile_queryset(root_queryset)
             trace = self._caller.trace
-            step = trace.start("(queryset)", "query", compiled.sql) if trace else None
+            step = trace.start(ROOT_KEY, "query", compiled.sql, compiled.params) if trace else None
             rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
             instances = hydrate(compiled, rows)
             self._journal.mark_created(instances)
@@ -265,7 +265,7 @@ class _Run:
         for number, part in enumerate(fetch.parts, 1):
             if trace is not None:
                 name = key if chunks == 1 else f"{key} #{number}/{chunks}"
-                part.step = trace.start(name, "query", part.compiled.sql)
+                part.step = trace.start(name, "query", part.compiled.sql, part.compiled.params)
             self._pending += 1
             self._tg.start_soon(self._fetch_part, fetch, part)
 

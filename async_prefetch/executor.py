@@ -19,6 +19,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.db import utils as django_db_utils
 from django.db.backends.base.base import BaseDatabaseWrapper
+from psycopg_pool import AsyncConnectionPool
 
 from .compiler import CompiledQuery
 from .pools import get_pool
@@ -40,12 +41,12 @@ _DJANGO_ERRORS = (
 
 
 def as_django_error(exc: psycopg.Error) -> Exception:
-    """The ``django.db.utils`` exception Django's error wrapper would raise for ``exc``."""
+    """The ``django.db.utils`` exception Django's error wrapper would raise for ``exc``
+    (raise it ``from exc``). Django's ``DatabaseErrorWrapper`` is not used because it
+    marks its connection as errored: the failing connection here is a pooled one."""
     for django_type in _DJANGO_ERRORS:
         if isinstance(exc, getattr(psycopg, django_type.__name__)):
-            error = django_type(*exc.args)
-            error.__cause__ = exc
-            return error
+            return django_type(*exc.args)
     return exc
 
 
@@ -67,10 +68,13 @@ class PoolExecutor:
         self._alias = alias
         self._limiter = limiter
         self._log_connection = log_connection
+        self._pool: AsyncConnectionPool | None = None  # looked up once per run
 
     async def fetch(self, query: CompiledQuery) -> Rows:
         assert query.sql is not None
-        pool = await get_pool(self._alias)
+        if self._pool is None:
+            self._pool = await get_pool(self._alias)
+        pool = self._pool
         log = wants_log(self._log_connection)
         async with self._limiter:
             try:
@@ -84,7 +88,7 @@ class PoolExecutor:
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
         if log:
-            record_query(self._log_connection, self._alias, query.sql, query.params, duration, text)
+            record_query(self._log_connection, self._alias, query.params, duration, text)
         return rows
 
 

@@ -71,7 +71,10 @@ async def get_pool(alias: str) -> AsyncConnectionPool:
     psycopg_pool's background tasks swallow cancellation, so a pool left open on a
     loop that shuts down can hang ``asyncio.run()`` or leak its connections.
     """
-    by_alias = _pools.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    by_alias = _pools.get(loop)
+    if by_alias is None:
+        by_alias = _pools[loop] = {}
     pool = by_alias.get(alias)
     if pool is None:
         pool = by_alias[alias] = _new_pool(alias, load_config().pool)

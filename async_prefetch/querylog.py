@@ -27,7 +27,6 @@ def wants_log(connection: BaseDatabaseWrapper | None) -> bool:
 def record_query(
     connection: BaseDatabaseWrapper | None,
     alias: str,
-    sql: str,
     params: Any,
     duration: float,
     text: str,

@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
+
+ROOT_KEY = "(queryset)"
+"""The key of a run's root query (the queryset's own rows)."""
 
 
 @dataclass
@@ -24,6 +28,7 @@ class StepTrace:
     finished: float = 0.0
     objects: int = 0
     sql: str | None = None
+    params: Any = None
 
 
 @dataclass
@@ -33,8 +38,8 @@ class RunTrace:
     origin: float = field(default_factory=time.perf_counter)
     steps: list[StepTrace] = field(default_factory=list)
 
-    def start(self, key: str, kind: str, sql: str | None = None) -> StepTrace:
-        step = StepTrace(key, kind, time.perf_counter() - self.origin, sql=sql)
+    def start(self, key: str, kind: str, sql: str | None = None, params: Any = None) -> StepTrace:
+        step = StepTrace(key, kind, time.perf_counter() - self.origin, sql=sql, params=params)
         self.steps.append(step)
         return step
 

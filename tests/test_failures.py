@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -14,14 +15,16 @@ from django.db.models.expressions import RawSQL
 import async_prefetch
 from async_prefetch import bridge
 from async_prefetch.pools import pool_stats
-from tests.cache_snapshot import snapshot
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, Review
 
-# Fails in the server after 0.2 s, when the fast siblings have long been hydrated.
+# Fails in the server after 0.2 s, when the fast siblings have long been hydrated: the
+# divisor is only known at run time (a constant ``1 / 0`` fails while planning, at once).
 FAILING = Prefetch(
     "reviews",
-    queryset=Review.objects.annotate(boom=RawSQL("(SELECT 1 / 0 FROM pg_sleep(0.2))", ())),
+    queryset=Review.objects.annotate(
+        boom=RawSQL("(SELECT 1 / (random() * 0)::int FROM pg_sleep(0.2))", ())
+    ),
     to_attr="boom_reviews",
 )
 FAST = ["pages", "authors__location", "publisher", "tags"]
@@ -45,6 +48,25 @@ def fresh_books() -> list[Any]:
     return list(Book.objects.order_by("pk"))
 
 
+def state_of(books: list[Any]) -> list[Any]:
+    """Everything a run could change: attributes, the fields cache, the prefetch cache."""
+    return [
+        (
+            {k: v for k, v in vars(b).items() if k != "_state"},
+            dict(b._state.fields_cache),
+            dict(getattr(b, "_prefetched_objects_cache", {})),
+        )
+        for b in books
+    ]
+
+
+def filled(books: list[Any]) -> int:
+    """Relations a run left cached on ``books`` (fields cache and prefetch cache)."""
+    return sum(
+        len(b._state.fields_cache) + len(getattr(b, "_prefetched_objects_cache", {})) for b in books
+    )
+
+
 def sleepers() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -64,14 +86,12 @@ def anyio_backend() -> str:
 def test_sync_failure_restores_instances_and_pool() -> None:
     seed_bookstore()
     books: list[Any] = list(Book.objects.select_related("publisher").order_by("pk"))
-    before = snapshot(books, FAST)
-    dicts_before = [dict(b.__dict__) for b in books]
+    before = state_of(books)
 
     with pytest.raises(DataError, match="division by zero"):
         async_prefetch.prefetch_related_objects(books, *FAST, FAILING)
 
-    assert snapshot(books, FAST) == before
-    assert [dict(b.__dict__) for b in books] == dicts_before
+    assert state_of(books) == before
     assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
     assert bridge.run_sync(settle_pool) == 0
     # The instances are still usable: a second run fills them completely.
@@ -84,10 +104,11 @@ def test_sync_failure_restores_instances_and_pool() -> None:
 async def test_async_failure_restores_instances_and_pool() -> None:
     await sync_to_async(seed_bookstore)()
     books: list[Any] = await sync_to_async(fresh_books)()
+    before = state_of(books)
     with pytest.raises(DataError):
         await async_prefetch.aprefetch_related_objects(books, *FAST, FAILING)
-    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
-    assert not any(hasattr(b, "boom_reviews") for b in books)
+    assert state_of(books) == before
+    assert filled(books) == 0
     assert await bridge.run_async(settle_pool) == 0
     await async_prefetch.aclose()
 
@@ -102,10 +123,11 @@ async def test_cancellation_restores_instances_and_pool() -> None:
         queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
         to_attr="never",
     )
+    before = state_of(books)
     with anyio.move_on_after(0.5) as scope:
         await async_prefetch.aprefetch_related_objects(books, *FAST, sleeping)
     assert scope.cancelled_caught
-    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
+    assert state_of(books) == before
     assert await bridge.run_async(settle_pool) == 0
     # psycopg cancels the query in the server too: nothing keeps sleeping there.
     for _ in range(60):
@@ -113,4 +135,32 @@ async def test_cancellation_restores_instances_and_pool() -> None:
             break
         await anyio.sleep(0.05)
     assert await sync_to_async(sleepers)() == 0
+    await async_prefetch.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_repeated_cancellation_still_waits_for_the_rollback() -> None:
+    """A second ``task.cancel()`` while the engine unwinds must not let the caller go on
+    before the instances are restored (anyio's shield alone does not stop it)."""
+    await sync_to_async(seed_bookstore)()
+    books: list[Any] = await sync_to_async(fresh_books)()
+    sleeping = Prefetch(
+        "reviews",
+        queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
+        to_attr="never",
+    )
+    task = asyncio.ensure_future(async_prefetch.aprefetch_related_objects(books, *FAST, sleeping))
+    for _ in range(100):  # until the fast siblings have filled their caches
+        await asyncio.sleep(0.01)
+        if filled(books):
+            break
+    assert filled(books)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert filled(books) == 0
+    assert await bridge.run_async(settle_pool) == 0
     await async_prefetch.aclose()

@@ -49,12 +49,10 @@ def pg() -> ServerInfo:
 @pytest.fixture(scope="module")
 def pg_upstream(pg: ServerInfo) -> Upstream:
     """The proxy's upstream for ``pg``: its unix socket file, or TCP ``(host, port)``."""
-    port = pg.port or 5432
-    if pg.host.startswith("/"):
-        return str(Path(pg.host) / f".s.PGSQL.{port}")
-    if not pg.host:
-        pytest.skip("server on libpq's default socket directory")
-    return (pg.host, port)
+    try:
+        return pg.address()
+    except ValueError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

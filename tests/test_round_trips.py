@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,14 +31,7 @@ ALIAS = "through_proxy"
 @pytest.fixture
 def proxied_alias(transactional_db: None) -> Iterator[str]:
     """A database alias for the test database that goes through an RTT-adding proxy."""
-    server = get_server()
-    port = server.port or 5432
-    upstream: Any = (
-        str(Path(server.host) / f".s.PGSQL.{port}")
-        if server.host.startswith("/")
-        else (server.host, port)
-    )
-    with LatencyProxyProcess(upstream, rtt_ms=RTT * 1000) as proxy:
+    with LatencyProxyProcess(get_server().address(), rtt_ms=RTT * 1000) as proxy:
         connections.settings[ALIAS] = {
             **connections["default"].settings_dict,
             "HOST": proxy.host,

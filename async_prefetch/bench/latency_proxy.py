@@ -246,12 +246,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     group.add_argument("--upstream-host", metavar="HOST", help="upstream TCP host")
     parser.add_argument("--upstream-port", type=int, default=5432, help="default 5432")
     parser.add_argument("--rtt-ms", type=float, required=True, help="added round trip, ms")
-    parser.add_argument(
-        "--selector",
-        choices=("select", "default"),
-        default="select",
-        help="event-loop selector; 'select' has microsecond timers (default)",
-    )
     args = parser.parse_args(argv)
     if args.rtt_ms < 0:
         parser.error("--rtt-ms must be >= 0")
@@ -266,12 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.upstream_unix is not None
         else (args.upstream_host, args.upstream_port)
     )
-    coro = serve(upstream, args.rtt_ms, listen_port=args.listen_port)
-    if args.selector == "default":
-        asyncio.run(coro)
-    else:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(coro)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(upstream, args.rtt_ms, listen_port=args.listen_port))
     return 0
 
 

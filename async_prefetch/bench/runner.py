@@ -16,7 +16,8 @@ every workload and RTT times four sides in one process, alternating them run by 
 Every run of the first three sides must give the same structural signature as Django's
 warm-up run (:func:`async_prefetch.bench.workloads.signature`); a difference is reported
 with the first differing root and the workload counts as failed (exit code 1). Peak memory
-(``ru_maxrss``) is measured in a fresh subprocess per workload and side. Medians go to
+(``VmHWM`` from ``/proc/self/status``, reset before the run; ``ru_maxrss`` where that is
+missing) is measured in a fresh subprocess per workload and side. Medians go to
 ``results.md``, ``results.json`` and ``speedup.png`` in ``--out``; ``--profile WORKLOAD``
 instead profiles the engine side with cProfile.
 """
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
@@ -54,19 +55,18 @@ from django.db import connections
 from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
 
-from async_prefetch.bench.latency_proxy import LatencyProxyProcess, Upstream
+from async_prefetch.bench.latency_proxy import LatencyProxyProcess
+from async_prefetch.demo import DEMO_APP
 from async_prefetch.embedded import ENV_SOURCE, ServerInfo, get_server
+from async_prefetch.trace import ROOT_KEY
 
 BENCH_APP: Final = "async_prefetch.bench"
-DEMO_APP: Final = "async_prefetch.demo_app"
 DEFAULT_RTTS: Final = (0.0, 1.0, 5.0)
 DEFAULT_RUNS: Final = 7
 QUICK_RUNS: Final = 2
 POOL_SIZE: Final = 10
 """Engine pool ``MIN_SIZE`` = ``MAX_SIZE``: no pool growth inside a timed run."""
 SIDES: Final = ("django_sync", "django_async", "engine", "floor")
-ROOT_KEY: Final = "(queryset)"
-"""The trace key of the engine's root query (the queryset's own rows)."""
 
 logger = logging.getLogger("async_prefetch.bench")
 
@@ -107,23 +107,17 @@ def configure_django(server: ServerInfo, proxies: dict[str, tuple[str, int]]) ->
     django.setup()
 
 
-def upstream_of(server: ServerInfo) -> Upstream:
-    """Where a latency proxy connects: the server's unix socket file, or TCP host and port."""
-    host = server.host or "/var/run/postgresql"
-    port = server.port or 5432
-    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
-
-
 # -- the floor ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Statement:
-    """One engine statement as executed (parameters inlined, as client-side binding sends it)
-    and the column that links its rows to their parents (``None``: not grouped)."""
+    """One engine statement (SQL and parameters, as the engine sends them) and the column
+    that links its rows to their parents (``None``: not grouped)."""
 
     key: str
     sql: str
+    params: Any
     group_by: str | None
 
 
@@ -152,42 +146,27 @@ def _group_column(sql: str) -> str | None:
     return columns[-1] if columns else None
 
 
-def _take_executed(template: str, executed: list[str]) -> str:
-    """Remove and return the executed statement that ``template`` (``%s`` placeholders) became."""
-    parts = template.split("%s")
-    prefix, suffix = parts[0].replace("%%", "%"), parts[-1].replace("%%", "%")
-    for index, text in enumerate(executed):
-        if (
-            (text == prefix)
-            if len(parts) == 1
-            else (text.startswith(prefix) and text.endswith(suffix))
-        ):
-            return executed.pop(index)
-    raise FloorUnavailableError(f"no executed statement matches the traced SQL {template[:200]!r}")
-
-
-def floor_plan(alias: str, steps: Sequence[Any], executed: Sequence[str]) -> FloorPlan:
-    """Pair a traced run's query steps with the statements it executed, grouped by depth
+def floor_plan(alias: str, steps: Sequence[Any]) -> FloorPlan:
+    """A traced run's query steps (their SQL and parameters) grouped by depth
     (``key.count("__")``; the root query first). Raises :class:`FloorUnavailableError`."""
     delegated = [step.key for step in steps if step.kind == "django"]
     if delegated:
         raise FloorUnavailableError(f"steps delegated to Django: {delegated}")
-    remaining = list(executed)
     by_depth: dict[int, list[Statement]] = {}
     for step in sorted(steps, key=lambda s: s.started):
         if step.kind != "query" or step.sql is None:
             continue
-        text = _take_executed(step.sql, remaining)
         depth = -1 if step.key == ROOT_KEY else step.key.count("__")
-        by_depth.setdefault(depth, []).append(Statement(step.key, text, _group_column(step.sql)))
-    if remaining:
-        raise FloorUnavailableError(f"{len(remaining)} executed statements are not in the trace")
+        statement = Statement(step.key, step.sql, step.params, _group_column(step.sql))
+        by_depth.setdefault(depth, []).append(statement)
     return FloorPlan(alias, tuple(tuple(by_depth[depth]) for depth in sorted(by_depth)))
 
 
-async def _fetch_statement(pool: Any, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+async def _fetch_statement(
+    pool: Any, statement: Statement
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     async with pool.connection() as conn:
-        cursor = await conn.execute(sql)
+        cursor = await conn.execute(statement.sql, statement.params)
         rows: list[tuple[Any, ...]] = await cursor.fetchall()
         names = [column.name for column in cursor.description or ()]
     return names, rows
@@ -196,16 +175,13 @@ async def _fetch_statement(pool: Any, sql: str) -> tuple[list[str], list[tuple[A
 def _build(statement: Statement, names: list[str], rows: list[tuple[Any, ...]]) -> int:
     """The cheapest useful objects: a dict per row, grouped by the parent key column."""
     key = names.index(statement.group_by) if statement.group_by in names else None
-    if key is None:
-        return len([dict(zip(names, row, strict=True)) for row in rows])
     grouped: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
-        obj = dict(zip(names, row, strict=True))
-        group = grouped.get(row[key])
+        parent = None if key is None else row[key]
+        group = grouped.get(parent)
         if group is None:
-            grouped[row[key]] = [obj]
-        else:
-            group.append(obj)
+            group = grouped[parent] = []
+        group.append(dict(zip(names, row, strict=True)))
     return len(rows)
 
 
@@ -217,51 +193,20 @@ async def run_floor(plan: FloorPlan) -> int:
     pool = await get_pool(plan.alias)
     objects = 0
     for stage in plan.stages:
-        fetched = await asyncio.gather(*(_fetch_statement(pool, s.sql) for s in stage))
+        fetched = await asyncio.gather(*(_fetch_statement(pool, s) for s in stage))
         for statement, (names, rows) in zip(stage, fetched, strict=True):
             objects += _build(statement, names, rows)
     return objects
 
 
-async def time_statement(alias: str, sql: str) -> float:
+async def time_statement(alias: str, statement: Statement) -> float:
     """Seconds to fetch one statement's rows on the engine's pool (engine loop only)."""
     from async_prefetch.pools import get_pool
 
     pool = await get_pool(alias)
     started = time.perf_counter()
-    await _fetch_statement(pool, sql)
+    await _fetch_statement(pool, statement)
     return time.perf_counter() - started
-
-
-class _ExecutedSql(logging.Handler):
-    """Collects the statements the engine reports to ``django.db.backends`` for one alias."""
-
-    def __init__(self, alias: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.alias = alias
-        self.statements: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sql = getattr(record, "sql", None)
-        if getattr(record, "alias", None) == self.alias and isinstance(sql, str):
-            self.statements.append(sql)
-
-
-@contextlib.contextmanager
-def capture_executed(alias: str) -> Iterator[list[str]]:
-    """Statements the engine executes on ``alias`` in this block, parameters inlined."""
-    backend_logger = logging.getLogger("django.db.backends")
-    handler = _ExecutedSql(alias)
-    level, propagate = backend_logger.level, backend_logger.propagate
-    backend_logger.addHandler(handler)
-    backend_logger.setLevel(logging.DEBUG)
-    backend_logger.propagate = False
-    try:
-        yield handler.statements
-    finally:
-        backend_logger.removeHandler(handler)
-        backend_logger.setLevel(level)
-        backend_logger.propagate = propagate
 
 
 # -- the sides ------------------------------------------------------------------------------
@@ -327,7 +272,6 @@ class Result:
     median_ms: dict[str, float] = field(default_factory=dict)
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
     floor_note: str | None = None
-    equal: bool = False
     error: str | None = None
 
     @property
@@ -373,15 +317,14 @@ def bench_workload(
     del objects
     _, objects = runner.run(_django_async(workload.queryset(alias)))
     _check(workload, reference, "django_async", "warm-up", objects)
-    with capture_executed(alias) as executed:
-        objects, trace = runner.run(_engine_traced(workload.root(alias), workload.lookups()))
+    objects, trace = runner.run(_engine_traced(workload.root(alias), workload.lookups()))
     _check(workload, reference, "engine", "traced warm-up", objects)
     del objects
-    result.engine_queries = len(executed)
+    result.engine_queries = trace.queries
     result.engine_objects = sum(s.objects for s in trace.steps if s.kind == "query")
     plan: FloorPlan | None = None
     try:
-        plan = floor_plan(alias, trace.steps, executed)
+        plan = floor_plan(alias, trace.steps)
     except FloorUnavailableError as exc:
         result.floor_note = str(exc)
         logger.warning("%s @ %s: no floor: %s", workload.name, alias, exc)
@@ -394,7 +337,7 @@ def bench_workload(
                 f"floor built {result.floor_objects} rows, the engine {result.engine_objects}"
             )
         result.slowest_query_ms = 1000 * max(
-            min(bridge.run_sync(time_statement, alias, s.sql) for _ in range(3))
+            min(bridge.run_sync(time_statement, alias, s) for _ in range(3))
             for s in plan.statements
         )
 
@@ -419,7 +362,6 @@ def bench_workload(
             del objects
     result.samples_ms = samples
     result.median_ms = {side: statistics.median(values) for side, values in samples.items()}
-    result.equal = True
 
 
 # -- peak memory ------------------------------------------------------------------------------
@@ -828,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         proxies: dict[str, tuple[str, int]] = {}
         for rtt in rtts:
-            proxy = stack.enter_context(LatencyProxyProcess(upstream_of(server), rtt))
+            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
             proxies[alias_for(rtt)] = (proxy.host, proxy.port)
         configure_django(server, proxies)
         # Close the engine's pools while the proxies are still up (the stack unwinds first).

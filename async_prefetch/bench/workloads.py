@@ -1,8 +1,9 @@
 """The benchmark's workloads: what to seed, which queryset to fetch, which lookups to prefetch.
 
 A :class:`Workload` bundles an idempotent, deterministic ``seed()`` (bulk inserts on the
-``default`` database; it only tops up rows that are missing, so runs with different sizes
-can share a database), ``root(alias)`` (the unevaluated root queryset on a database alias),
+``default`` database; the bench's own tables are topped up to the size asked for, so runs
+with different sizes can share a database, while ``chain`` uses the demo's bookstore, which
+is seeded only when empty), ``root(alias)`` (the unevaluated root queryset on a database alias),
 ``lookups()`` (fresh lookup objects for each run) and the relation paths that make up its
 structural :func:`signature`. :func:`build_workloads` returns them by name, in report order.
 """
