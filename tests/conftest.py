@@ -41,3 +41,9 @@ def bookstore(db: None) -> Bookstore:
         author_ids=list(Author.objects.order_by("pk").values_list("pk", flat=True)),
         ebook_id=EBook.objects.get().pk,
     )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The engine and its callers run on asyncio (psycopg's async API needs it)."""
+    return "asyncio"

@@ -15,10 +15,10 @@ import pickle
 from typing import Any
 
 import pytest
-from django.db.models import Model, QuerySet, prefetch_related_objects
+from django.db.models import Model, Q, QuerySet, prefetch_related_objects
 
 import async_prefetch
-from async_prefetch import _compat
+from async_prefetch import _compat, cached_querysets
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
 from tests.test_differential import check_sync, fresh
@@ -128,16 +128,14 @@ def test_derived_querysets_behave_as_djangos(bookstore: Bookstore, lookup: str) 
         restored = pickle.loads(pickle.dumps(mine))
         assert [obj.pk for obj in restored] == [obj.pk for obj in django]
         assert str(restored.query) == str(django.query)
-        duplicate = copy.deepcopy(mine)
-        assert duplicate._result_cache is None
-        assert str(duplicate.query) == str(django.query)
+        assert str(copy.deepcopy(mine).query) == str(django.query)
 
 
 def test_derived_querysets_share_no_state(bookstore: Bookstore) -> None:
     """Filtering one parent's cached queryset leaves every other one's query alone."""
     expected, got = _prefetched("pages")
     first: Any = got[0].pages.all()
-    first.query.add_q(first.query.where.__class__())  # touch the first one's query
+    first.query.add_q(Q(number__gt=1))  # filter the first one's query in place
     first._hints["marker"] = True
     first._known_related_objects.clear()
     for theirs, ours in zip(expected[1:], got[1:], strict=True):
@@ -146,3 +144,19 @@ def test_derived_querysets_share_no_state(bookstore: Bookstore) -> None:
         assert mine._known_related_objects
         assert str(mine.query) == str(theirs.pages.all().query)
     assert_same_prefetch(expected[1:], got[1:], ["pages"])
+    assert "number" in str(first.query)
+
+
+def test_failed_check_falls_back_to_django(
+    bookstore: Bookstore, manager_calls: list[Model], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the derived queryset for the second parent differs from Django's, every parent
+    goes through Django's manager (and the caches still equal Django's)."""
+    monkeypatch.setattr(cached_querysets, "_equivalent", lambda derived, made: False)
+    root = Book.objects.order_by("pk")
+    check_sync(root, ["pages"])
+    parents = fresh(root)
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(parents, "pages")
+    # The template, the second parent's check, then every parent.
+    assert manager_calls == [parents[0], parents[1], *parents]

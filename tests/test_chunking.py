@@ -12,18 +12,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
-from django.db.models import Prefetch, prefetch_related_objects
+from django.db.models import Prefetch
 from django.test.utils import CaptureQueriesContext
 from pytest_django.fixtures import Settings
 
 import async_prefetch
-from async_prefetch.config import load_config
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
 from tests.test_concurrency import SLEEP, slow
-from tests.test_differential import fresh, fresh_lookups
+from tests.test_differential import django_side, engine_side, fresh
 from tests.testapp.models import Author, Book, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,7 +31,7 @@ CHUNK = 2
 
 @pytest.fixture
 def small_chunks(settings: Settings) -> None:
-    settings.ASYNC_PREFETCH = {"CHUNK_SIZE": CHUNK, "POOL": {"MIN_SIZE": 4, "MAX_SIZE": 10}}
+    settings.ASYNC_PREFETCH = {"CHUNK_SIZE": CHUNK}
 
 
 LOOKUPS: list[list[Any]] = [
@@ -50,10 +48,30 @@ def test_chunked_caches_equal_djangos(
     bookstore: Bookstore, small_chunks: None, lookups: list[Any]
 ) -> None:
     expected = fresh(Book.objects.order_by("pk"))
-    prefetch_related_objects(expected, *fresh_lookups(lookups))
+    django_sql = django_side(expected, lookups)
     got = fresh(Book.objects.order_by("pk"))
-    async_prefetch.prefetch_related_objects(got, *fresh_lookups(lookups))
+    engine_sql = engine_side(got, lookups)
     assert_same_prefetch(expected, got, lookups)
+    assert len(engine_sql) > len(django_sql), "the levels were split"
+
+
+def test_level_with_its_own_prefetches_is_not_split(
+    bookstore: Bookstore, small_chunks: None
+) -> None:
+    """Django evaluates such a queryset with its lookups at once: its level stays one
+    query (the ``location`` level it adds is split like any other)."""
+    lookups = [Prefetch("authors", queryset=Author.objects.prefetch_related("location"))]
+    expected = fresh(Book.objects.order_by("pk"))
+    django_sql = django_side(expected, lookups)
+    got = fresh(Book.objects.order_by("pk"))
+    engine_sql = engine_side(got, lookups)
+    assert_same_prefetch(expected, got, lookups)
+
+    def author_queries(sql: list[str]) -> int:
+        return sum("_prefetch_related_val_book_id" in query for query in sql)
+
+    assert author_queries(engine_sql) == author_queries(django_sql) == 1
+    assert len(engine_sql) > len(django_sql)
 
 
 def test_shared_targets_stay_one_instance(bookstore: Bookstore, small_chunks: None) -> None:
@@ -82,11 +100,3 @@ def test_chunks_run_at_once(bookstore: Bookstore, small_chunks: None) -> None:
     assert len(starts) == chunks, "one start time per chunk query"
     spread = max(starts) - min(starts)
     assert spread < timedelta(seconds=SLEEP / 2), f"chunks started {spread} apart"
-
-
-def test_chunk_size_setting_is_validated(settings: Settings) -> None:
-    settings.ASYNC_PREFETCH = {"CHUNK_SIZE": 0}
-    with pytest.raises(ImproperlyConfigured, match="CHUNK_SIZE"):
-        load_config()
-    settings.ASYNC_PREFETCH = {"CHUNK_SIZE": None}
-    assert load_config().chunk_size is None

@@ -37,11 +37,6 @@ def start_of(objects: list[Any]) -> datetime:
     return start
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.django_db(transaction=True)
 async def test_five_sleeping_siblings_run_at_once() -> None:

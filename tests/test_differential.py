@@ -60,11 +60,6 @@ Lookup: TypeAlias = "str | Prefetch[Any, Any, Any]"
 Source = QuerySet[Any] | Callable[[], list[Any]]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------

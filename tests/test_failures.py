@@ -77,11 +77,6 @@ def sleepers() -> int:
     return int(count)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.django_db(transaction=True)
 def test_sync_failure_restores_instances_and_pool() -> None:
     seed_bookstore()

@@ -36,11 +36,6 @@ def installed() -> Iterator[None]:
         async_prefetch.uninstall()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def timed(func: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     result = func()
@@ -59,12 +54,18 @@ def test_unmodified_prefetch_related_becomes_concurrent(installed: None) -> None
 @pytest.mark.django_db(transaction=True)
 def test_uninstall_restores_django() -> None:
     seed_bookstore()
+    django_aprefetch = django.db.models.aprefetch_related_objects
     async_prefetch.install()
-    assert django_query.prefetch_related_objects is async_prefetch.prefetch_related_objects
-    assert django.db.models.aprefetch_related_objects is async_prefetch.aprefetch_related_objects
-    async_prefetch.uninstall()
+    try:
+        assert django_query.prefetch_related_objects is async_prefetch.prefetch_related_objects
+        assert (
+            django.db.models.aprefetch_related_objects is async_prefetch.aprefetch_related_objects
+        )
+    finally:
+        async_prefetch.uninstall()
     assert django_query.prefetch_related_objects is django_prefetch_related_objects
     assert django.db.models.prefetch_related_objects is django_prefetch_related_objects
+    assert django.db.models.aprefetch_related_objects is django_aprefetch
     _, elapsed = timed(lambda: list(Book.objects.prefetch_related(*sleeping_lookups())))
     assert elapsed >= SIBLINGS * SLEEP, "Django runs them one after another"
 

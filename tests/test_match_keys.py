@@ -1,8 +1,10 @@
 """Match keys: the engine's cheaper key functions group rows exactly as Django's do.
 
-``builders`` replaces Django's tuple keys (``get_instance_value_for_fields``, and
-``get_db_prep_value`` per object for many-to-many) with the stored value itself where that is
-exact; elsewhere (string keys of a ``to_field``, UUIDs under preparation) Django's stay.
+``builders`` replaces Django's tuple keys (``get_instance_value_for_fields`` for reverse
+foreign keys, ``get_db_prep_value`` per object for many-to-many) with the stored value itself
+where that is exact: any single plain column for reverse foreign keys (``editions`` matches on
+the ISBN string), integer columns for many-to-many. Elsewhere (a many-to-many whose source
+side is a ``to_field`` string) Django's keys stay.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from django.db.models import Field, ForeignKey, Model
+from django.db.models.fields import AutoFieldMixin
 from django.db.models.fields.related import ForeignObject
 
 from async_prefetch.builders import build_relation_query
@@ -88,11 +91,19 @@ def count_django_key_work(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     counting(ForeignObject, "get_instance_value_for_fields")
     counting(ForeignKey, "get_db_prep_value")
     counting(Field, "get_db_prep_value")
+    counting(AutoFieldMixin, "get_db_prep_value")
     return lambda: calls[0]
 
 
-def test_mixed_parent_classes_use_djangos_key(bookstore: Bookstore) -> None:
+def test_mixed_parent_classes_use_djangos_key(
+    bookstore: Bookstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An e-book among books (a subclass) is keyed by Django's function, a book is not."""
     books = list(Book.objects.order_by("pk"))
     ebook = EBook.objects.get()
     relation, _, _ = relation_for([*books, ebook], "authors")
+    django_calls = count_django_key_work(monkeypatch)
+    assert relation.instance_attr(books[0]) == books[0].pk
+    assert django_calls() == 0
     assert relation.instance_attr(ebook) == ebook.pk
+    assert django_calls() > 0

@@ -51,6 +51,20 @@ def test_id_lists_are_one_array(bookstore: Bookstore, lookup: str) -> None:
     check_sync(Book.objects.order_by("pk"), [lookup])
 
 
+@pytest.mark.parametrize("lookup", ["pages", "authors", "publisher"])
+def test_statement_text_does_not_depend_on_the_number_of_parents(
+    bookstore: Bookstore, lookup: str
+) -> None:
+    texts = set()
+    for count in (3, 4, 6):
+        books = list(Book.objects.order_by("pk")[:count])
+        with CaptureQueriesContext(connection) as ctx:
+            async_prefetch.prefetch_related_objects(books, lookup)
+        (query,) = ctx.captured_queries
+        texts.add(query["sql"].split(" = ANY(")[0])
+    assert len(texts) == 1, texts
+
+
 def test_forward_foreign_key_from_many_parents(bookstore: Bookstore) -> None:
     authors = list(Author.objects.order_by("pk"))
     with CaptureQueriesContext(connection) as ctx:
