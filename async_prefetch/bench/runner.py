@@ -300,7 +300,13 @@ def _check(workload: Any, reference: list[Any], side: str, run: str, objects: An
 
 
 def bench_workload(
-    workload: Any, rtt_ms: float, runs: int, runner: asyncio.Runner, result: Result
+    workload: Any,
+    rtt_ms: float,
+    runs: int,
+    runner: asyncio.Runner,
+    result: Result,
+    *,
+    collect_garbage: bool = True,
 ) -> None:
     """Warm up, check and time the four sides of ``workload`` on ``rtt_ms``'s alias, filling
     ``result``. Raises :class:`ResultMismatchError` when a side's result differs."""
@@ -355,7 +361,12 @@ def bench_workload(
         order = sides[run % len(sides) :] + sides[: run % len(sides)]
         for side in order:
             gc.collect()
-            seconds, objects = measures[side]()
+            if not collect_garbage:
+                gc.disable()
+            try:
+                seconds, objects = measures[side]()
+            finally:
+                gc.enable()
             if side != "floor":
                 _check(workload, reference, side, f"run {run + 1}", objects)
             samples[side].append(seconds * 1000)
@@ -618,6 +629,8 @@ def markdown_report(
         f"PostgreSQL {facts['postgresql']} ({facts['server_source']})",
         f"- command: `{report['command']}` (wall time {report['wall_seconds']:.0f} s)",
         f"- engine pool: {POOL_SIZE} connections per alias (min = max)",
+        "- cyclic garbage collector during timed runs: "
+        + ("on (collected before each run)" if report["gc"] else "off (`--no-gc`)"),
         "",
         "Medians in ms of `runs` timed runs per side, sides alternating, after a warm-up run; "
         "RTT is what a latency proxy in its own process adds per round trip (RTT 0 still goes "
@@ -725,6 +738,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="profile the engine side of WORKLOAD at RTT 0 (cProfile) instead of benchmarking",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="disable the cyclic garbage collector during each timed run (both sides): "
+        "shows how much of a side's time the collector takes",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log server start-up")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-db", help=argparse.SUPPRESS)
@@ -793,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = Result(name, rtt, alias_for(rtt), runs)
                     results.append(result)
                     try:
-                        bench_workload(workload, rtt, runs, runner, result)
+                        bench_workload(
+                            workload, rtt, runs, runner, result, collect_garbage=not args.no_gc
+                        )
                     except ResultMismatchError as exc:
                         result.error = str(exc)
                         _progress(f"\nRESULT MISMATCH in {name} at RTT {rtt:g} ms:\n{exc}\n")
@@ -818,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report: dict[str, Any] = {
             "machine": {**machine_facts(server), "load_average": load_average},
             "command": " ".join(["python -m async_prefetch bench", *(argv or sys.argv[2:])]),
+            "gc": not args.no_gc,
             "wall_seconds": time.perf_counter() - started,
             "workloads": {name: workloads[name].description for name in names},
             "ok": all(r.error is None for r in results) and not memory_errors,
