@@ -1,13 +1,13 @@
 """``= ANY(%s)``: one array parameter instead of ``IN (%s, %s, ...)`` on PostgreSQL.
 
-psycopg renders an ``IN`` list parameter by parameter (about 60 ms for 20,000 ids on
-this machine, 9 ms as one array) and the server sees a new statement shape for every
-list length; one array keeps both constant. The engine's builders let Django add its
-own ``__in`` filter and then swap that condition for :class:`AnyOf`
-(:func:`any_instead_of_in`); the forward foreign key builder, where Django uses a
-one-column tuple ``IN``, builds an ``AnyOf`` itself. No lookup is registered on
-Django's fields. On other backends, and for subqueries or expressions, ``AnyOf``
-renders exactly as ``IN``.
+psycopg's client-side binding renders an ``IN`` list parameter by parameter (54 ms for
+20,000 ids on the development machine, 16 ms as one array) and the server sees a new
+statement shape for every list length; one array keeps the shape constant. The engine's
+builders let Django add its own ``__in`` filter and then swap that condition for
+:class:`AnyOf` (:func:`any_instead_of_in`); the forward foreign key builder, where Django
+uses a one-column tuple ``IN``, builds an ``AnyOf`` itself. No lookup is registered on
+Django's fields. On other backends, and for subqueries or expressions, ``AnyOf`` renders
+exactly as ``IN``.
 """
 
 from __future__ import annotations
