@@ -8,7 +8,8 @@ prefetch costs (a manager, a router call and a connection look-up per parent).
 :func:`queryset_maker` builds the first parent's queryset exactly that way as a
 template, then makes every parent's from it, substituting the parent where it appears:
 the routing hint, the deferred filter, the known related object and (Django 6.1) the
-fetch mode, with a fresh copy of the unfiltered query. The substitution is checked once per level
+fetch mode, with an unfiltered query that is built only when first used
+(:mod:`.unfiltered_query`). The substitution is checked once per level
 against a second parent's queryset built by Django; if anything differs (a custom
 manager, another Django version), every parent goes through Django's own path.
 """
@@ -27,6 +28,7 @@ from django.db.models.fields.related_descriptors import (
 from django.db.models.sql import Query
 
 from . import _compat
+from .unfiltered_query import UnfilteredQuery
 
 QuerysetMaker = Callable[[Model], QuerySet[Any]]
 
@@ -181,8 +183,9 @@ _PER_PARENT = frozenset(
 def _query_maker(template: Any) -> Callable[[], Query]:
     """A function returning a query equal to ``template``, an unfiltered manager query.
 
-    A plain ``Query(model)`` plus ``template``'s scalar attributes when that equals it
-    (the default manager), else a clone per call.
+    An :class:`UnfilteredQuery` (no containers until used) plus ``template``'s scalar
+    attributes when ``Query(model)`` plus those equals it (the default manager), else a
+    clone per call.
     """
     model = template.model
     plain = vars(Query(model, alias_cols=template.alias_cols))
@@ -193,7 +196,7 @@ def _query_maker(template: Any) -> Callable[[], Query]:
             alias_cols = template.alias_cols
 
             def fresh_query() -> Query:
-                query = Query(model, alias_cols=alias_cols)
+                query = UnfilteredQuery(model, alias_cols=alias_cols)
                 for key, value in extra:  # one by one: see _queryset_maker
                     setattr(query, key, value)
                 return query
@@ -213,6 +216,8 @@ def _equivalent(derived: QuerySet[Any], made: QuerySet[Any]) -> bool:
     for key, value in ours.items():
         other = theirs[key]
         if key == "_query":
+            if isinstance(value, UnfilteredQuery):
+                value = value.materialise()
             if type(value) is not type(other) or vars(value) != vars(other):
                 return False
         elif value != other:
