@@ -1,9 +1,11 @@
-"""The engine: runs a plan with one hydrating task and concurrent fetch tasks.
+"""The engine: runs a plan with one linking task and concurrent fetch tasks.
 
-The task that calls :func:`run_prefetch` is the only one that touches model
-instances: it decides each level (Django's ``get_prefetcher`` and ``is_fetched``),
-builds and compiles its query, hydrates rows, fills caches and starts the children.
-Fetch tasks only move rows from the database. A failure anywhere cancels the
+The task that calls :func:`run_prefetch` is the only one that touches instances anyone
+else can see: it decides each level (Django's ``get_prefetcher`` and ``is_fetched``),
+builds and compiles its query, fills caches and starts the children. Each fetch task
+runs one query and builds new instances from its rows as they are read, batch by batch,
+without awaiting within a batch; it only reads existing instances (known related
+objects), and hands the new ones over when done. A failure anywhere cancels the
 remaining fetches and restores every pre-existing instance from the journal.
 """
 
@@ -30,8 +32,8 @@ from .builders import RelationQuery, build_relation_query, take_additional_looku
 from .cached_querysets import queryset_maker
 from .compiler import CompiledQuery, compile_queryset
 from .config import load_config
-from .executor import CallerConnectionExecutor, Executor, PoolExecutor
-from .hydrator import hydrate
+from .executor import CallerConnectionExecutor, Executor, PoolExecutor, Rows
+from .hydrator import row_builder
 from .journal import Journal
 from .planner import (
     Level,
@@ -76,7 +78,7 @@ class _Part:
 
     relation: RelationQuery
     compiled: CompiledQuery
-    related: list[Model] | None = None  # hydrated rows, once fetched
+    related: list[Model] | None = None  # its instances, once handed to the linking task
     step: StepTrace | None = None
 
 
@@ -138,8 +140,7 @@ class _Run:
             compiled = compile_queryset(root_queryset)
             trace = self._caller.trace
             step = trace.start(ROOT_KEY, "query", compiled.sql, compiled.params) if trace else None
-            rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
-            instances = hydrate(compiled, rows)
+            instances = await self._fetch_instances(compiled)
             self._journal.mark_created(instances)
             if trace is not None and step is not None:
                 trace.finish(step, len(instances))
@@ -352,9 +353,8 @@ class _Run:
     # -- fetching ------------------------------------------------------------------
 
     async def _fetch_part(self, fetch: _Fetch, part: _Part) -> None:
-        compiled = part.compiled
-        rows = await self._fetch_rows(compiled) if compiled.sql is not None else []
-        await self._send.send((fetch, (part, rows)))
+        instances = await self._fetch_instances(part.compiled)
+        await self._send.send((fetch, (part, instances)))
 
     async def _fetch_delegated(self, fetch: _Fetch) -> None:
         payload = await self._call_django(
@@ -362,8 +362,19 @@ class _Run:
         )
         await self._send.send((fetch, payload))
 
-    async def _fetch_rows(self, compiled: CompiledQuery) -> list[tuple[Any, ...]]:
-        return await self._executor(compiled.alias).fetch(compiled)
+    async def _fetch_instances(self, compiled: CompiledQuery) -> list[Model]:
+        """Run ``compiled`` and build its instances from each batch of rows as it is
+        read: the rows of a batch are garbage before the next batch is converted."""
+        if compiled.sql is None:
+            return []
+        build = row_builder(compiled)
+        instances: list[Model] = []
+
+        async def consume(rows: Rows) -> None:
+            instances.extend(await self._sync_or_thread(build, rows))
+
+        await self._executor(compiled.alias).fetch(compiled, consume)
+        return instances
 
     def _executor(self, alias: str) -> Executor:
         executor = self._executors.get(alias)
@@ -382,19 +393,19 @@ class _Run:
             self._executors[alias] = executor
         return executor
 
-    # -- hydration -----------------------------------------------------------------
+    # -- linking -------------------------------------------------------------------
 
     async def _on_fetched(self, fetch: _Fetch, payload: Any) -> None:
         level = fetch.level
         links: list[tuple[RelationQuery, list[Model]]]
         if fetch.parts:
-            part, rows = payload
-            part.related = await self._sync_or_thread(hydrate, part.compiled, rows)
-            self._journal.mark_created(part.related)
+            part, related = payload
+            part.related = related
+            self._mark_created(level, part.relation, related)
             if part.step is not None and self._caller.trace is not None:
-                self._caller.trace.finish(part.step, len(part.related))
+                self._caller.trace.finish(part.step, len(related))
             if any(p.related is None for p in fetch.parts):
-                return  # hydrated now; linked once every chunk is in
+                return  # linked once every chunk is in
             links = [(p.relation, p.related or []) for p in fetch.parts]
             relation = links[0][0]
             if relation.link_back is not None and relation.additional_lookups:
@@ -405,7 +416,7 @@ class _Run:
             related = [obj for _, objs in links for obj in objs]
         else:
             relation, related = payload
-            self._journal.mark_created(related)
+            self._mark_created(level, relation, related)
             links = [(relation, related)]
         level.fetched = True
         await self._sync_or_thread(self._link_and_assign, level, fetch.instances, links, related)
@@ -418,6 +429,14 @@ class _Run:
             order = (*level.order[0], -level.depth)
             self._plan.add_lookups(auto, order, parent=level)
         await self._finish(level, related)
+
+    def _mark_created(self, level: Level, relation: RelationQuery, related: list[Model]) -> None:
+        """Tell the journal about built instances that will be parents (this level has
+        children, or will have its queryset's own lookups): only parents are written to
+        and so looked up there. Recording leaf instances would cost memory for nothing;
+        an unrecorded one that is touched after all is merely snapshotted."""
+        if level.children or relation.additional_lookups:
+            self._journal.mark_created(related)
 
     def _link_and_assign(
         self,
@@ -457,7 +476,7 @@ class _Run:
     async def _sync_or_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Call ``func`` here; if it needs the database (a property), via ``_call_django``.
 
-        The hydrating task waits meanwhile, so the instances are still touched by one
+        The calling task waits meanwhile, so the instances are still touched by one
         thread at a time.
         """
         try:

@@ -1,7 +1,9 @@
 """Executors: where a compiled query's rows come from.
 
-``PoolExecutor`` runs each query on its own pooled connection, returned to the pool
-as soon as its rows are read; ``CallerConnectionExecutor`` runs them, one at a time,
+``PoolExecutor`` runs each query on its own pooled connection and hands the rows to
+the caller's consumer a batch at a time, so that a result is never held both as
+PostgreSQL's buffer and as a full list of Python rows; the connection goes back to the
+pool as soon as the last batch is consumed. ``CallerConnectionExecutor`` runs them, one at a time,
 on the caller's own connection (inside ``atomic``, where only that connection sees the
 transaction's rows). Both report queries like Django's debug cursor and raise
 Django's database exceptions.
@@ -12,6 +14,7 @@ Another strategy (psycopg pipeline mode on one connection) fits behind ``Executo
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -26,6 +29,10 @@ from .pools import get_pool
 from .querylog import record_query, wants_log
 
 Rows = list[tuple[Any, ...]]
+RowConsumer = Callable[[Rows], Awaitable[None]]
+
+#: Rows converted from a result per batch (Django's iterator reads 100 at a time).
+BATCH_ROWS = 1000
 
 _DJANGO_ERRORS = (
     django_db_utils.DataError,
@@ -51,9 +58,10 @@ def as_django_error(exc: psycopg.Error) -> Exception:
 
 
 class Executor(Protocol):
-    """Fetches all rows of one compiled query."""
+    """Runs one compiled query and awaits ``consume`` on its rows, in order, in batches
+    (none for an empty result); returns when every row has been consumed."""
 
-    async def fetch(self, query: CompiledQuery) -> Rows: ...
+    async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None: ...
 
 
 class PoolExecutor:
@@ -70,7 +78,7 @@ class PoolExecutor:
         self._log_connection = log_connection
         self._pool: AsyncConnectionPool | None = None  # looked up once per run
 
-    async def fetch(self, query: CompiledQuery) -> Rows:
+    async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         assert query.sql is not None
         if self._pool is None:
             self._pool = await get_pool(self._alias)
@@ -81,15 +89,20 @@ class PoolExecutor:
                 async with pool.connection() as conn, conn.cursor() as cursor:
                     started = time.perf_counter()
                     await cursor.execute(query.sql, query.params)
-                    rows: Rows = await cursor.fetchall()
                     duration = time.perf_counter() - started
-                    if log:
-                        text = _executed_sql(cursor, query)
+                    try:
+                        # The whole result is in the client already: fetchmany()
+                        # converts rows without waiting for the server.
+                        while rows := await cursor.fetchmany(BATCH_ROWS):
+                            await consume(rows)
+                    finally:
+                        if log:  # after reading: mogrify() drops the cursor's result
+                            text = _executed_sql(cursor, query)
+                            record_query(
+                                self._log_connection, self._alias, query.params, duration, text
+                            )
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
-        if log:
-            record_query(self._log_connection, self._alias, query.params, duration, text)
-        return rows
 
 
 def _executed_sql(cursor: Any, query: CompiledQuery) -> str:
@@ -118,6 +131,8 @@ class CallerConnectionExecutor:
             rows: Rows = cursor.fetchall()
         return rows
 
-    async def fetch(self, query: CompiledQuery) -> Rows:
+    async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         assert query.sql is not None
-        return await sync_to_async(self._run, thread_sensitive=True)(query)
+        rows = await sync_to_async(self._run, thread_sensitive=True)(query)
+        if rows:
+            await consume(rows)

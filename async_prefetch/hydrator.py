@@ -16,17 +16,25 @@ from django.db.models.signals import post_init, pre_init
 from . import _compat
 from .compiler import CompiledQuery
 
+Rows = Sequence[Sequence[Any]]
+RowBuilder = Callable[[Rows], list[Model]]
 
-def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Model]:
-    """Turn raw database rows for ``compiled`` into model instances.
+
+def hydrate(compiled: CompiledQuery, rows: Rows) -> list[Model]:
+    """Turn all raw database rows for ``compiled`` into model instances."""
+    return row_builder(compiled)(rows) if rows else []
+
+
+def row_builder(compiled: CompiledQuery) -> RowBuilder:
+    """A function turning successive batches of raw rows for ``compiled`` into model
+    instances, exactly as Django's ``ModelIterable`` does over the whole result.
 
     Applies field converters, select_related populators, annotations and extra
-    selects, known related objects and (Django 6.1+) fetch modes and peers, in the
-    same order as ``ModelIterable.__iter__``. Must only be called from the one task
-    that owns the instances.
+    selects, known related objects and (Django 6.1+) fetch modes and peers (shared by
+    every batch), in ``ModelIterable.__iter__``'s order. Only reads existing instances
+    (known related objects); the instances it returns are new.
     """
-    if compiled.sql is None or not rows:
-        return []
+    assert compiled.sql is not None
     queryset = compiled.queryset
     compiler = compiled.compiler
     db = compiled.alias
@@ -57,34 +65,37 @@ def hydrate(compiled: CompiledQuery, rows: Sequence[Sequence[Any]]) -> list[Mode
     check_deferred = _compat.HAS_FETCH_MODES
     track_peers = _compat.tracks_peers(fetch_mode)
     peers: list[Any] = []
+    col_count = compiler.col_count if compiler.has_extra_select else None
 
-    results: list[Any] = [rows]
-    if compiler.has_extra_select:  # trim ordering-only columns, a row at a time as Django
-        col_count = compiler.col_count
-        results = [(row[:col_count] for row in rows)]
-    instances: list[Model] = []
-    for row in compiler.results_iter(results=results):
-        obj = from_db(db, init_list, row[start:end])
-        if track_peers:
-            peers.append(weak_ref(obj))
-            obj._state.peers = peers
-        for populator in populators:
-            populator.populate(row, obj)
-        if annotation_col_map:
-            for attr_name, col_pos in annotation_col_map.items():
-                setattr(obj, attr_name, row[col_pos])
-        for field, rel_objs, attnames, rel_getter in known_related:
-            if field.is_cached(obj):
-                continue
-            if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
-                continue
-            try:
-                rel_obj = rel_objs[rel_getter(obj)]
-            except KeyError:
-                continue
-            setattr(obj, field.name, rel_obj)
-        instances.append(obj)
-    return instances
+    def build(rows: Rows) -> list[Model]:
+        batch: Any = rows  # results_iter() takes any iterable of rows per batch
+        if col_count is not None:  # trim ordering-only columns, a row at a time as Django
+            batch = (row[:col_count] for row in rows)
+        instances: list[Model] = []
+        for row in compiler.results_iter(results=(batch,)):
+            obj = from_db(db, init_list, row[start:end])
+            if track_peers:
+                peers.append(weak_ref(obj))
+                obj._state.peers = peers
+            for populator in populators:
+                populator.populate(row, obj)
+            if annotation_col_map:
+                for attr_name, col_pos in annotation_col_map.items():
+                    setattr(obj, attr_name, row[col_pos])
+            for field, rel_objs, attnames, rel_getter in known_related:
+                if field.is_cached(obj):
+                    continue
+                if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
+                    continue
+                try:
+                    rel_obj = rel_objs[rel_getter(obj)]
+                except KeyError:
+                    continue
+                setattr(obj, field.name, rel_obj)
+            instances.append(obj)
+        return instances
+
+    return build
 
 
 PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
