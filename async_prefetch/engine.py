@@ -342,8 +342,7 @@ class _Run:
     def _prepare(self, obj_list: list[Any]) -> bool:
         for obj in obj_list:
             if not hasattr(obj, "_prefetched_objects_cache"):
-                if hasattr(obj, "__dict__"):
-                    self._journal.touch(obj)
+                self._journal.touch(obj)
                 try:
                     obj._prefetched_objects_cache = {}
                 except (AttributeError, TypeError):
@@ -497,7 +496,9 @@ class _Run:
         leaf_queryset: Any = lookup.queryset if level.is_leaf else None
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
-        touch = self._journal.touch
+        # setattr may go through a descriptor or a property: record every attribute.
+        sets_attributes = as_attr or (relation.single and relation.is_descriptor)
+        touch = self._journal.touch_attributes if sets_attributes else self._journal.touch
         make_queryset = (
             None
             if relation.single or as_attr or leaf_queryset is not None

@@ -22,6 +22,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.db import utils as django_db_utils
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE
 from psycopg_pool import AsyncConnectionPool
 
 from .compiler import CompiledQuery
@@ -31,8 +32,8 @@ from .querylog import record_query, wants_log
 Rows = list[tuple[Any, ...]]
 RowConsumer = Callable[[Rows], Awaitable[None]]
 
-#: Rows converted from a result per batch (Django's iterator reads 100 at a time).
-BATCH_ROWS = 1000
+#: Rows converted from a result per batch: as many as Django's iterator reads at once.
+BATCH_ROWS = GET_ITERATOR_CHUNK_SIZE
 
 _DJANGO_ERRORS = (
     django_db_utils.DataError,

@@ -9,14 +9,15 @@ import anyio
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import DataError, connection
-from django.db.models import Prefetch
+from django.db.models import Prefetch, prefetch_related_objects
 from django.db.models.expressions import RawSQL
 
 import async_prefetch
 from async_prefetch import bridge
+from async_prefetch.journal import Journal
 from async_prefetch.pools import pool_stats
 from tests.factories import seed_bookstore
-from tests.testapp.models import Book, Review
+from tests.testapp.models import Book, Page, Review
 
 # Fails in the server after 0.2 s, when the fast siblings have long been hydrated: the
 # divisor is only known at run time (a constant ``1 / 0`` fails while planning, at once).
@@ -92,6 +93,42 @@ def test_sync_failure_restores_instances_and_pool() -> None:
     # The instances are still usable: a second run fills them completely.
     async_prefetch.prefetch_related_objects(books, *FAST)
     assert all("pages" in b._prefetched_objects_cache for b in books)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failure_restores_attributes_and_existing_caches_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Levels that set attributes (``to_attr``) and caches that already held entries are
+    put back too; the cache dicts are the same objects afterwards."""
+    seed_bookstore()
+    books: list[Any] = list(Book.objects.order_by("pk"))
+    prefetch_related_objects(books, "tags", "publisher")  # caches with entries already
+    caches = [(b._prefetched_objects_cache, b._state.fields_cache) for b in books]
+    before = state_of(books)
+    as_list = Prefetch("pages", queryset=Page.objects.order_by("pk"), to_attr="pages_list")
+    filled_at_rollback: list[bool] = []
+    rollback = Journal.rollback
+
+    def checked_rollback(journal: Journal) -> None:
+        filled_at_rollback.append(
+            all(
+                hasattr(b, "pages_list") and "authors" in b._prefetched_objects_cache for b in books
+            )
+        )
+        rollback(journal)
+
+    monkeypatch.setattr(Journal, "rollback", checked_rollback)
+    with pytest.raises(DataError, match="division by zero"):
+        async_prefetch.prefetch_related_objects(books, as_list, "authors", FAILING)
+    assert filled_at_rollback == [True]  # the fast levels were in when the server failed
+    assert state_of(books) == before
+    assert not any(hasattr(b, "pages_list") for b in books)
+    assert all(
+        b._prefetched_objects_cache is prefetched and b._state.fields_cache is fields
+        for b, (prefetched, fields) in zip(books, caches, strict=True)
+    )
+    assert bridge.run_sync(settle_pool) == 0
 
 
 @pytest.mark.anyio

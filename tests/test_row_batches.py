@@ -1,0 +1,125 @@
+"""Rows are read and built into instances a batch at a time, on the query's connection.
+
+A result is never held as a full list of Python rows next to the instances built from it:
+the executor converts ``BATCH_ROWS`` rows, the fetch task builds them, and the next batch
+is converted only then. The connection stays checked out until the last batch is built,
+so a failure while building must still return it, and leave no cache filled.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tracemalloc
+from typing import Any
+
+import pytest
+from django.db.models import Prefetch, prefetch_related_objects
+from django.db.models.signals import post_init
+
+import async_prefetch
+from async_prefetch import bridge, engine, executor
+from async_prefetch.hydrator import row_builder
+from tests.cache_snapshot import assert_same_prefetch
+from tests.factories import seed_bookstore
+from tests.test_failures import settle_pool, state_of
+from tests.testapp.models import Book, Page, Review
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOOKUPS: list[Any] = [
+    "pages",
+    "authors__location",
+    Prefetch("reviews", queryset=Review.objects.order_by("-pk"), to_attr="review_list"),
+]
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batches of 3 rows; the size of every batch built, in order."""
+    monkeypatch.setattr(executor, "BATCH_ROWS", 3)
+    sizes: list[int] = []
+    original = row_builder
+
+    def recording(compiled: Any) -> Any:
+        build = original(compiled)
+
+        def recorded(rows: Any) -> Any:
+            sizes.append(len(rows))
+            return build(rows)
+
+        return recorded
+
+    monkeypatch.setattr(engine, "row_builder", recording)
+    return sizes
+
+
+def test_rows_are_built_batch_by_batch(batches: list[int]) -> None:
+    seed_bookstore(n_books=12)
+    expected = list(Book.objects.order_by("pk"))
+    prefetch_related_objects(expected, *LOOKUPS)
+    got = list(Book.objects.order_by("pk"))
+    async_prefetch.prefetch_related_objects(got, *LOOKUPS)
+    assert_same_prefetch(expected, got, LOOKUPS)
+    pages = Page.objects.count()
+    assert pages > 3
+    assert max(batches) == 3
+    # Every query's rows came in ceil(n / 3) batches, at least the pages' ones.
+    assert len(batches) >= math.ceil(pages / 3) + 1
+
+
+def test_failure_in_a_later_batch_returns_the_connection(batches: list[int]) -> None:
+    seed_bookstore(n_books=12)
+    books: list[Any] = list(Book.objects.order_by("pk"))
+    before = state_of(books)
+    last_page = Page.objects.order_by("-pk").values_list("pk", flat=True)[0]
+
+    def explode(sender: type[Page], instance: Page, **kwargs: Any) -> None:
+        if instance.pk == last_page:
+            raise RuntimeError("cannot build this page")
+
+    post_init.connect(explode, sender=Page)
+    try:
+        with pytest.raises(RuntimeError, match="cannot build this page"):
+            async_prefetch.prefetch_related_objects(books, *LOOKUPS)
+    finally:
+        post_init.disconnect(explode, sender=Page)
+    assert len(batches) > 1  # the failing page was not in the first batch
+    assert state_of(books) == before
+    assert bridge.run_sync(settle_pool) == 0
+
+
+def traced_peak(prefetch: Any, lookups: list[Any]) -> int:
+    """Peak of Python's allocations (every thread) while ``prefetch`` fills fresh books."""
+    books = list(Book.objects.order_by("pk"))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        prefetch(books, *lookups)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def test_peak_python_memory_is_not_above_djangos() -> None:
+    """The engine runs its queries at once but builds each result as it is read: its peak
+    stays at or below Django's, which reads one query at a time, 100 rows at a time."""
+    seed_bookstore(n_books=100)
+    Page.objects.bulk_create(
+        Page(book=book, number=100 + n, text=f"page {n} of {book.pk} " * 4)
+        for book in Book.objects.all()
+        for n in range(30)
+    )
+    # Lists, not querysets: what is measured is rows and instances (the querysets'
+    # savings are test_allocation's and test_unfiltered_query's).
+    lookups: list[Any] = [
+        Prefetch(name, to_attr=f"{name}_list") for name in ("pages", "authors", "tags", "reviews")
+    ]
+    for _ in range(2):  # warm both sides (pool, compiled regexes, caches)
+        traced_peak(prefetch_related_objects, lookups)
+        traced_peak(async_prefetch.prefetch_related_objects, lookups)
+    django = traced_peak(prefetch_related_objects, lookups)
+    engine_peak = traced_peak(async_prefetch.prefetch_related_objects, lookups)
+    assert django > 1_000_000
+    assert engine_peak <= django, f"engine peak {engine_peak} B, Django {django} B"
