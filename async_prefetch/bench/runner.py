@@ -380,10 +380,14 @@ def bench_workload(
 
 @dataclass
 class Memory:
-    """Peak resident memory of one side's single run in a fresh process, in KiB.
+    """Peak resident memory of one side's first run in a fresh process, and of a second
+    run in the same process, in KiB.
 
-    ``baseline_kib`` is the resident size just before the run (imports, Django set-up);
-    ``method`` says how the peak was read (see :func:`_memory_child`).
+    ``baseline_kib`` is the resident size just before the first run (imports, Django
+    set-up); the first run also pays for connecting (the engine: its pool and thread).
+    ``second_peak_kib`` is the peak of the next run, once the first run's objects are
+    collected: what a warm server process needs. ``method`` says how peaks were read
+    (see :func:`_memory_child`).
     """
 
     workload: str
@@ -391,6 +395,7 @@ class Memory:
     rtt_ms: float
     peak_kib: int
     baseline_kib: int
+    second_peak_kib: int
     roots: int
     method: str
 
@@ -414,12 +419,12 @@ def _reset_peak_rss() -> bool:
 
 
 def _memory_child(spec: str, db: str, rtt_ms: float, quick: bool) -> int:
-    """Subprocess body: one run of one side, then print ``MEMORY {json}``.
+    """Subprocess body: two runs of one side, then print ``MEMORY {json}``.
 
-    The peak is Linux's ``VmHWM``, reset to the current RSS just before the run when
+    A peak is Linux's ``VmHWM``, reset to the current RSS just before each run when
     ``/proc/self/clear_refs`` allows it. ``ru_maxrss`` is only the fallback (no ``/proc``):
     Linux carries it over from the parent through fork and exec, so a child started by a
-    large process reports the parent's peak.
+    large process reports the parent's peak (and the second run's is the process's).
     """
     from async_prefetch.bench.workloads import build_workloads
 
@@ -438,17 +443,26 @@ def _memory_child(spec: str, db: str, rtt_ms: float, quick: bool) -> int:
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     else:
         method = "VmHWM, reset before the run" if reset else "VmHWM"
-    if side == "django_sync":
-        _, objects = _django_sync(workload, alias)
-    elif side == "engine":
-        _, objects = asyncio.run(_engine(workload.root(alias), workload.lookups()))
-    else:
+    if side not in ("django_sync", "engine"):
         raise ValueError(f"unknown side {side!r}")
-    peak = _proc_status_kib("VmHWM") if method != "ru_maxrss" else None
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert isinstance(objects, list)
-    memory = Memory(name, side, rtt_ms, peak, baseline, len(objects), method)
+
+    def run_once() -> int:
+        """One run; the peak since the last reset; the roots are dropped before return."""
+        if side == "django_sync":
+            _, objects = _django_sync(workload, alias)
+        else:
+            _, objects = asyncio.run(_engine(workload.root(alias), workload.lookups()))
+        assert isinstance(objects, list)
+        roots.append(len(objects))
+        peak = _proc_status_kib("VmHWM") if method != "ru_maxrss" else None
+        return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    roots: list[int] = []
+    peak = run_once()
+    gc.collect()
+    _reset_peak_rss()
+    second_peak = run_once()
+    memory = Memory(name, side, rtt_ms, peak, baseline, second_peak, roots[0], method)
     print("MEMORY " + json.dumps(asdict(memory)), flush=True)
     return 0
 
@@ -601,15 +615,17 @@ def memory_table(memory: Sequence[Memory]) -> str:
     for m in memory:
         by_workload.setdefault(m.workload, {})[m.side] = m
     lines = [
-        "| workload | Django sync peak MiB | engine peak MiB | Django sync +MiB | engine +MiB |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| workload | Django sync peak MiB | engine peak MiB | Django sync +MiB | engine +MiB "
+        "| second run: Django sync peak MiB | second run: engine peak MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, sides in by_workload.items():
         django_m, engine_m = sides["django_sync"], sides["engine"]
         lines.append(
             f"| {name} | {django_m.peak_kib / 1024:.1f} | {engine_m.peak_kib / 1024:.1f} "
             f"| {(django_m.peak_kib - django_m.baseline_kib) / 1024:.1f} "
-            f"| {(engine_m.peak_kib - engine_m.baseline_kib) / 1024:.1f} |"
+            f"| {(engine_m.peak_kib - engine_m.baseline_kib) / 1024:.1f} "
+            f"| {django_m.second_peak_kib / 1024:.1f} | {engine_m.second_peak_kib / 1024:.1f} |"
         )
     return "\n".join(lines)
 
@@ -645,9 +661,12 @@ def markdown_report(
             "",
             "## Peak memory",
             "",
-            f"Peak resident memory ({memory[0].method}) of one run in a fresh process per "
-            f"workload and side, at RTT {memory[0].rtt_ms:g} ms; +MiB is the growth over the "
-            "resident size just before the run (after imports and Django set-up).",
+            f"Peak resident memory ({memory[0].method}) of the first run in a fresh process "
+            f"per workload and side, at RTT {memory[0].rtt_ms:g} ms; +MiB is the growth over "
+            "the resident size just before that run (after imports and Django set-up; the "
+            "first run also connects: Django one connection, the engine its pool and thread). "
+            "Second run: the peak of the next run in the same process, the first run's "
+            "objects collected: what a warm server process needs.",
             "",
             memory_table(memory),
         ]
