@@ -340,9 +340,10 @@ class _Run:
         return relations
 
     def _prepare(self, obj_list: list[Any]) -> bool:
+        touch = self._journal.touch  # before the level reads (or loads) anything on them
         for obj in obj_list:
+            touch(obj)
             if not hasattr(obj, "_prefetched_objects_cache"):
-                self._journal.touch(obj)
                 try:
                     obj._prefetched_objects_cache = {}
                 except (AttributeError, TypeError):
@@ -368,11 +369,23 @@ class _Run:
             return []
         build = row_builder(compiled)
         instances: list[Model] = []
+        # Once building needs the database (a model hook that queries), the remaining
+        # rows are only kept: they are built on a worker thread after the connection is
+        # back in the pool, not while it and the limiter's slot are held.
+        for_thread: list[Rows] = []
 
         async def consume(rows: Rows) -> None:
-            instances.extend(await self._sync_or_thread(build, rows))
+            if not for_thread:
+                try:
+                    instances.extend(build(rows))
+                    return
+                except SynchronousOnlyOperation:
+                    pass
+            for_thread.append(rows)
 
         await self._executor(compiled.alias).fetch(compiled, consume)
+        if for_thread:
+            instances += await self._call_django(_build_all, build, for_thread)
         return instances
 
     def _executor(self, alias: str) -> Executor:
@@ -475,8 +488,8 @@ class _Run:
     async def _sync_or_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Call ``func`` here; if it needs the database (a property), via ``_call_django``.
 
-        The calling task waits meanwhile, so the instances are still touched by one
-        thread at a time.
+        The calling task waits meanwhile, so the instances it owns are touched by one
+        thread at a time (fetch tasks may build new instances on the loop meanwhile).
         """
         try:
             return func(*args)
@@ -529,6 +542,10 @@ class _Run:
                 qs._result_cache = vals
                 qs._prefetch_done = True
                 obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
+
+
+def _build_all(build: Callable[[Rows], list[Model]], batches: list[Rows]) -> list[Model]:
+    return [obj for rows in batches for obj in build(rows)]
 
 
 def alias_of(instances: Sequence[Any]) -> str:

@@ -87,21 +87,29 @@ class PoolExecutor:
         log = wants_log(self._log_connection)
         async with self._limiter:
             try:
-                async with pool.connection() as conn, conn.cursor() as cursor:
-                    started = time.perf_counter()
-                    await cursor.execute(query.sql, query.params)
-                    duration = time.perf_counter() - started
-                    try:
-                        # The whole result is in the client already: fetchmany()
-                        # converts rows without waiting for the server.
-                        while rows := await cursor.fetchmany(BATCH_ROWS):
-                            await consume(rows)
-                    finally:
-                        if log:  # after reading: mogrify() drops the cursor's result
-                            text = _executed_sql(cursor, query)
-                            record_query(
-                                self._log_connection, self._alias, query.params, duration, text
-                            )
+                conn = await pool.getconn()
+                try:
+                    async with conn.cursor() as cursor:
+                        started = time.perf_counter()
+                        await cursor.execute(query.sql, query.params)
+                        duration = time.perf_counter() - started
+                        try:
+                            # The whole result is in the client already: fetchmany()
+                            # converts rows without waiting for the server.
+                            while rows := await cursor.fetchmany(BATCH_ROWS):
+                                await consume(rows)
+                        finally:
+                            if log:  # after reading: mogrify() drops the cursor's result
+                                text = _executed_sql(cursor, query)
+                                record_query(
+                                    self._log_connection, self._alias, query.params, duration, text
+                                )
+                finally:
+                    # Shielded: anyio cancels every await of a cancelled task, and a
+                    # putconn() interrupted while it waits for the pool's lock leaves
+                    # the connection counted as checked out for good.
+                    with anyio.CancelScope(shield=True):
+                        await pool.putconn(conn)
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
 

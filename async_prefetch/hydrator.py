@@ -72,27 +72,32 @@ def row_builder(compiled: CompiledQuery) -> RowBuilder:
         if col_count is not None:  # trim ordering-only columns, a row at a time as Django
             batch = (row[:col_count] for row in rows)
         instances: list[Model] = []
-        for row in compiler.results_iter(results=(batch,)):
-            obj = from_db(db, init_list, row[start:end])
-            if track_peers:
-                peers.append(weak_ref(obj))
-                obj._state.peers = peers
-            for populator in populators:
-                populator.populate(row, obj)
-            if annotation_col_map:
-                for attr_name, col_pos in annotation_col_map.items():
-                    setattr(obj, attr_name, row[col_pos])
-            for field, rel_objs, attnames, rel_getter in known_related:
-                if field.is_cached(obj):
-                    continue
-                if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
-                    continue
-                try:
-                    rel_obj = rel_objs[rel_getter(obj)]
-                except KeyError:
-                    continue
-                setattr(obj, field.name, rel_obj)
-            instances.append(obj)
+        peers_before = len(peers)
+        try:
+            for row in compiler.results_iter(results=(batch,)):
+                obj = from_db(db, init_list, row[start:end])
+                if track_peers:
+                    peers.append(weak_ref(obj))
+                    obj._state.peers = peers
+                for populator in populators:
+                    populator.populate(row, obj)
+                if annotation_col_map:
+                    for attr_name, col_pos in annotation_col_map.items():
+                        setattr(obj, attr_name, row[col_pos])
+                for field, rel_objs, attnames, rel_getter in known_related:
+                    if field.is_cached(obj):
+                        continue
+                    if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
+                        continue
+                    try:
+                        rel_obj = rel_objs[rel_getter(obj)]
+                    except KeyError:
+                        continue
+                    setattr(obj, field.name, rel_obj)
+                instances.append(obj)
+        except BaseException:
+            del peers[peers_before:]  # a failed batch may be built again (worker thread)
+            raise
         return instances
 
     return build

@@ -6,7 +6,9 @@ run touches them, so a failure or cancellation can put them back exactly as they
 were: no half-filled caches.
 
 Most levels only add entries to an instance's prefetch cache or fields cache, so only
-those two dicts are copied (nothing when they are empty). Levels that ``setattr``
+those two dicts are copied (nothing when they are empty), with the number of attributes:
+attributes a run adds otherwise (a walked ``cached_property``, a deferred field a key
+function loads) come after those in ``__dict__`` and are removed. Levels that ``setattr``
 (``to_attr``, descriptors) also record the instance's whole ``__dict__`` first.
 """
 
@@ -20,8 +22,9 @@ from django.db.models import Model
 _MISSING: Any = object()
 _PREFETCHED = "_prefetched_objects_cache"
 
-# A record: [instance, prefetch cache, its items, fields cache, its items, __dict__ copy].
-_OBJ, _PREFETCH, _PREFETCH_ITEMS, _FIELDS, _FIELDS_ITEMS, _STATE = range(6)
+# A record: [instance, prefetch cache, its items, fields cache, its items, number of
+# attributes, __dict__ copy].
+_STATE = 6
 
 
 def _items(cache: Any) -> Any:
@@ -53,7 +56,11 @@ class Journal:
             return record
         prefetched = getattr(obj, _PREFETCHED, _MISSING)
         fields_cache = getattr(getattr(obj, "_state", None), "fields_cache", None)
-        record = [obj, prefetched, _items(prefetched), fields_cache, _items(fields_cache), None]
+        attributes = len(obj.__dict__) if hasattr(obj, "__dict__") else None
+        record = [
+            *(obj, prefetched, _items(prefetched), fields_cache, _items(fields_cache)),
+            *(attributes, None),
+        ]
         self._records[key] = record
         return record
 
@@ -66,23 +73,23 @@ class Journal:
 
     def rollback(self) -> None:
         """Put every recorded instance back as it was; the cache dicts keep their identity."""
-        for (
-            obj,
-            prefetched,
-            prefetched_items,
-            fields_cache,
-            fields_items,
-            state,
-        ) in self._records.values():
+        for record in self._records.values():
+            obj, prefetched, prefetched_items, fields_cache, fields_items, attributes, state = (
+                record
+            )
             if state is not None:
                 obj.__dict__.clear()
                 obj.__dict__.update(state)
+            if attributes is not None:  # attributes added since: in insertion order, last
+                attrs = obj.__dict__
+                for name in list(attrs)[attributes:]:
+                    del attrs[name]
             if fields_items is not None:
                 fields_cache.clear()
                 fields_cache.update(fields_items)
                 obj._state.fields_cache = fields_cache
             if prefetched is _MISSING:
-                with suppress(AttributeError):
+                with suppress(AttributeError, TypeError):
                     delattr(obj, _PREFETCHED)
             else:
                 if prefetched_items is not None:

@@ -14,8 +14,10 @@ from django.db.models.expressions import RawSQL
 
 import async_prefetch
 from async_prefetch import bridge
+from async_prefetch.compiler import compile_queryset
+from async_prefetch.executor import PoolExecutor
 from async_prefetch.journal import Journal
-from async_prefetch.pools import pool_stats
+from async_prefetch.pools import get_pool, pool_stats
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, Page, Review
 
@@ -42,7 +44,12 @@ async def settle_pool() -> int:
         if not checked_out(pool_stats()):
             break
         await anyio.sleep(0.02)
-    return checked_out(pool_stats())
+    stats = pool_stats()
+    if checked_out(stats):
+        import sys
+
+        print("POOL NOT SETTLED", stats, file=sys.stderr)
+    return checked_out(stats)
 
 
 def fresh_books() -> list[Any]:
@@ -196,3 +203,64 @@ async def test_repeated_cancellation_still_waits_for_the_rollback() -> None:
     assert filled(books) == 0
     assert await bridge.run_async(settle_pool) == 0
     await async_prefetch.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_cancelled_fetch_returns_its_connection_while_the_pool_is_busy() -> None:
+    """A fetch cancelled while ``putconn()`` waits for the pool's lock (held by a pool
+    worker adding a connection, say) still returns its connection: the return is shielded.
+    anyio cancels every await of a cancelled task, so an unshielded ``putconn()`` gives up
+    at that lock and the connection stays counted as checked out for good."""
+    await sync_to_async(seed_bookstore)()
+    compiled = await sync_to_async(compile_queryset)(Book.objects.all())
+
+    async def scenario() -> int:
+        pool = await get_pool(compiled.alias)
+        executor = PoolExecutor(compiled.alias, anyio.CapacityLimiter(1), None)
+        locked, release = anyio.Event(), anyio.Event()
+
+        async def hold_pool_lock() -> None:
+            async with pool._lock:  # psycopg_pool's own lock, as its workers take it
+                locked.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+
+            async def consume(rows: Any) -> None:  # the connection is checked out here
+                tg.start_soon(hold_pool_lock)
+                await locked.wait()
+
+            with anyio.CancelScope() as fetch_scope:
+                tg.start_soon(cancel_when, locked, fetch_scope, release)
+                await executor.fetch(compiled, consume)
+            assert fetch_scope.cancel_called  # while putconn() waited for the lock
+        return await settle_pool()
+
+    assert await bridge.run_async(scenario) == 0
+    await async_prefetch.aclose()
+
+
+async def cancel_when(event: anyio.Event, scope: anyio.CancelScope, release: anyio.Event) -> None:
+    """Once ``event`` is set, cancel ``scope`` and, a little later, set ``release``."""
+    await event.wait()
+    await anyio.sleep(0.05)  # the fetch is now waiting for the pool's lock in putconn()
+    scope.cancel()
+    await anyio.sleep(0.05)
+    release.set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failure_removes_attributes_the_run_added() -> None:
+    """A walked ``cached_property`` and a deferred field that a key function loads are
+    stored in ``__dict__`` by Django itself; a failed run takes them out again."""
+    seed_bookstore()
+    books: list[Any] = list(Book.objects.defer("publisher").order_by("pk"))
+    before = state_of(books)
+    with pytest.raises(DataError, match="division by zero"):
+        async_prefetch.prefetch_related_objects(
+            books, "author_list__location", "publisher", FAILING
+        )
+    assert state_of(books) == before
+    assert all("author_list" not in vars(b) and "publisher_id" not in vars(b) for b in books)
+    assert all(b.get_deferred_fields() == {"publisher_id"} for b in books)

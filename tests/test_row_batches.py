@@ -20,9 +20,10 @@ from django.db.models.signals import post_init
 import async_prefetch
 from async_prefetch import bridge, engine, executor
 from async_prefetch.hydrator import row_builder
+from async_prefetch.pools import pool_stats
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
-from tests.test_failures import settle_pool, state_of
+from tests.test_failures import checked_out, settle_pool, state_of
 from tests.testapp.models import Book, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -84,7 +85,7 @@ def test_failure_in_a_later_batch_returns_the_connection(batches: list[int]) -> 
             async_prefetch.prefetch_related_objects(books, *LOOKUPS)
     finally:
         post_init.disconnect(explode, sender=Page)
-    assert len(batches) > 1  # the failing page was not in the first batch
+    assert len(batches) > 1  # (batches of every query: pages, authors, locations, reviews)
     assert state_of(books) == before
     assert bridge.run_sync(settle_pool) == 0
 
@@ -123,3 +124,40 @@ def test_peak_python_memory_is_not_above_djangos() -> None:
     engine_peak = traced_peak(async_prefetch.prefetch_related_objects, lookups)
     assert django > 1_000_000
     assert engine_peak <= django, f"engine peak {engine_peak} B, Django {django} B"
+
+
+def test_building_that_queries_runs_after_the_connection_is_returned(
+    batches: list[int],
+) -> None:
+    """A model hook that queries cannot run on the event loop: those rows are built on a
+    worker thread, all at once, once the pooled connection is back in the pool."""
+    seed_bookstore(n_books=12)
+    expected = list(Book.objects.order_by("pk"))
+    prefetch_related_objects(expected, "pages")
+    books: list[Any] = list(Book.objects.order_by("pk"))
+    checked_out_while_building: list[int] = []
+
+    def querying_hook(sender: type[Page], instance: Page, **kwargs: Any) -> None:
+        Book.objects.exists()  # raises SynchronousOnlyOperation on the event loop
+        checked_out_while_building.append(checked_out(pool_stats_now()))
+
+    post_init.connect(querying_hook, sender=Page)
+    try:
+        async_prefetch.prefetch_related_objects(books, "pages")
+    finally:
+        post_init.disconnect(querying_hook, sender=Page)
+    assert_same_prefetch(expected, books, ["pages"])
+    assert len(checked_out_while_building) == Page.objects.count()
+    assert set(checked_out_while_building) == {0}
+    # The first batch was tried on the loop; the rest were kept and built in one go.
+    assert batches[0] == 3
+    assert sum(batches[1:]) == Page.objects.count()
+
+
+def pool_stats_now() -> dict[str, dict[str, int]]:
+    """The engine's pool statistics, from any thread."""
+    return bridge.run_sync(_stats)
+
+
+async def _stats() -> dict[str, dict[str, int]]:
+    return pool_stats()
