@@ -59,8 +59,8 @@ def as_django_error(exc: psycopg.Error) -> Exception:
 
 
 class Executor(Protocol):
-    """Runs one compiled query and awaits ``consume`` on its rows, in order, in batches
-    (none for an empty result); returns when every row has been consumed."""
+    """Runs one compiled query and awaits ``consume`` on its rows, in order, in one or
+    more batches (none for an empty result); returns when every row has been consumed."""
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None: ...
 

@@ -52,3 +52,7 @@ class UnfilteredQuery(Query):
     def __reduce_ex__(self, protocol: Any) -> Any:
         # pickle and copy see a plain Query.
         return self.materialise().__reduce_ex__(protocol)
+
+    def __getstate__(self) -> Any:
+        # For serialisers that call it directly: the state of a plain Query.
+        return self.materialise().__getstate__()

@@ -141,3 +141,9 @@ def test_leaf_querysets_are_djangos(bookstore: Bookstore) -> None:
     )
     cached: Any = books[0]._prefetched_objects_cache["pages"]  # type: ignore[attr-defined]
     assert type(cached._query) is Query
+
+
+def test_getstate_is_a_plain_querys() -> None:
+    """Serialisers that call ``__getstate__`` directly get a whole query's state."""
+    state = UnfilteredQuery(Page).__getstate__()
+    assert state.keys() == vars(Query(Page)).keys()
