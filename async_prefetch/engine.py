@@ -416,9 +416,9 @@ class _Run:
             self._mark_created(level, part.relation, related)
             if part.step is not None and self._caller.trace is not None:
                 self._caller.trace.finish(part.step, len(related))
-            if any(p.related is None for p in fetch.parts):
+            links = [(p.relation, p.related) for p in fetch.parts if p.related is not None]
+            if len(links) < len(fetch.parts):
                 return  # linked once every chunk is in
-            links = [(p.relation, p.related or []) for p in fetch.parts]
             relation = links[0][0]
             if relation.link_back is not None and relation.additional_lookups:
                 # Django's builder evaluated the queryset, its prefetches included,
@@ -509,16 +509,18 @@ class _Run:
         leaf_queryset: Any = lookup.queryset if level.is_leaf else None
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
-        # setattr may go through a descriptor or a property: record every attribute.
+        # _prepare recorded every parent's caches. setattr may go through a descriptor
+        # or a property and overwrite any attribute: such levels record them all.
         sets_attributes = as_attr or (relation.single and relation.is_descriptor)
-        touch = self._journal.touch_attributes if sets_attributes else self._journal.touch
+        touch_attributes = self._journal.touch_attributes
         make_queryset = (
             None
             if relation.single or as_attr or leaf_queryset is not None
             else queryset_maker(instances, to_attr)
         )
         for obj in instances:
-            touch(obj)
+            if sets_attributes:
+                touch_attributes(obj)
             vals = rel_obj_cache.get(instance_attr(obj), [])
             if relation.single:
                 val = vals[0] if vals else None

@@ -20,11 +20,6 @@ Rows = Sequence[Sequence[Any]]
 RowBuilder = Callable[[Rows], list[Model]]
 
 
-def hydrate(compiled: CompiledQuery, rows: Rows) -> list[Model]:
-    """Turn all raw database rows for ``compiled`` into model instances."""
-    return row_builder(compiled)(rows) if rows else []
-
-
 def row_builder(compiled: CompiledQuery) -> RowBuilder:
     """A function turning successive batches of raw rows for ``compiled`` into model
     instances, exactly as Django's ``ModelIterable`` does over the whole result.

@@ -19,7 +19,7 @@ from django.db.models.fields.related import ForeignObject
 
 from async_prefetch.builders import build_relation_query
 from async_prefetch.compiler import compile_queryset
-from async_prefetch.hydrator import hydrate
+from async_prefetch.hydrator import row_builder
 from tests.conftest import Bookstore
 from tests.testapp.models import Author, Book, EBook, Tag
 
@@ -31,7 +31,7 @@ def relation_for(parents: list[Model], name: str) -> tuple[Any, Any, list[Model]
     prefetcher = getattr(parents[0], name)
     relation = build_relation_query(descriptor, prefetcher, parents, None)
     assert relation is not None
-    related = hydrate(compile_queryset(relation.queryset), _rows(relation.queryset))
+    related = row_builder(compile_queryset(relation.queryset))(_rows(relation.queryset))
     django = prefetcher.get_prefetch_querysets(parents, None)
     return relation, django, related
 
