@@ -31,6 +31,12 @@ FAILING = Prefetch(
     to_attr="boom_reviews",
 )
 FAST = ["pages", "authors__location", "publisher", "tags"]
+# Keeps the server busy for 5 s: cancelled long before.
+SLEEPING = Prefetch(
+    "reviews",
+    queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
+    to_attr="never",
+)
 
 
 def checked_out(stats: dict[str, dict[str, int]]) -> int:
@@ -38,18 +44,18 @@ def checked_out(stats: dict[str, dict[str, int]]) -> int:
     return sum(s.get("pool_size", 0) - s.get("pool_available", 0) for s in stats.values())
 
 
+async def checked_out_now() -> int:
+    """Checked-out connections of the engine's pools (call it on the engine's loop)."""
+    return checked_out(pool_stats())
+
+
 async def settle_pool() -> int:
     """Checked-out connections once the pool's background work is done (at most 5 s)."""
     for _ in range(250):  # polls: the pool has no event for "all returned"
-        if not checked_out(pool_stats()):
+        if not await checked_out_now():
             break
         await anyio.sleep(0.02)
-    stats = pool_stats()
-    if checked_out(stats):
-        import sys
-
-        print("POOL NOT SETTLED", stats, file=sys.stderr)
-    return checked_out(stats)
+    return await checked_out_now()
 
 
 def fresh_books() -> list[Any]:
@@ -157,14 +163,9 @@ async def test_async_failure_restores_instances_and_pool() -> None:
 async def test_cancellation_restores_instances_and_pool() -> None:
     await sync_to_async(seed_bookstore)()
     books: list[Any] = await sync_to_async(fresh_books)()
-    sleeping = Prefetch(
-        "reviews",
-        queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
-        to_attr="never",
-    )
     before = state_of(books)
     with anyio.move_on_after(0.5) as scope:
-        await async_prefetch.aprefetch_related_objects(books, *FAST, sleeping)
+        await async_prefetch.aprefetch_related_objects(books, *FAST, SLEEPING)
     assert scope.cancelled_caught
     assert state_of(books) == before
     assert await bridge.run_async(settle_pool) == 0
@@ -184,12 +185,7 @@ async def test_repeated_cancellation_still_waits_for_the_rollback() -> None:
     before the instances are restored (anyio's shield alone does not stop it)."""
     await sync_to_async(seed_bookstore)()
     books: list[Any] = await sync_to_async(fresh_books)()
-    sleeping = Prefetch(
-        "reviews",
-        queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
-        to_attr="never",
-    )
-    task = asyncio.ensure_future(async_prefetch.aprefetch_related_objects(books, *FAST, sleeping))
+    task = asyncio.ensure_future(async_prefetch.aprefetch_related_objects(books, *FAST, SLEEPING))
     for _ in range(100):  # until the fast siblings have filled their caches
         await asyncio.sleep(0.01)
         if filled(books):
@@ -219,11 +215,19 @@ async def test_cancelled_fetch_returns_its_connection_while_the_pool_is_busy() -
         pool = await get_pool(compiled.alias)
         executor = PoolExecutor(compiled.alias, anyio.CapacityLimiter(1), None)
         locked, release = anyio.Event(), anyio.Event()
+        returned_after_release: list[bool] = []
 
         async def hold_pool_lock() -> None:
             async with pool._lock:  # psycopg_pool's own lock, as its workers take it
                 locked.set()
                 await release.wait()
+
+        async def cancel_then_release(scope: anyio.CancelScope) -> None:
+            await locked.wait()
+            await anyio.sleep(0.05)  # the fetch now waits for the lock in putconn()
+            scope.cancel()
+            await anyio.sleep(0.05)
+            release.set()
 
         async with anyio.create_task_group() as tg:
 
@@ -232,22 +236,15 @@ async def test_cancelled_fetch_returns_its_connection_while_the_pool_is_busy() -
                 await locked.wait()
 
             with anyio.CancelScope() as fetch_scope:
-                tg.start_soon(cancel_when, locked, fetch_scope, release)
+                tg.start_soon(cancel_then_release, fetch_scope)
                 await executor.fetch(compiled, consume)
-            assert fetch_scope.cancel_called  # while putconn() waited for the lock
+                # Reached only if putconn() sat out the cancellation at the lock.
+                returned_after_release.append(release.is_set())
+        assert returned_after_release == [True]
         return await settle_pool()
 
     assert await bridge.run_async(scenario) == 0
     await async_prefetch.aclose()
-
-
-async def cancel_when(event: anyio.Event, scope: anyio.CancelScope, release: anyio.Event) -> None:
-    """Once ``event`` is set, cancel ``scope`` and, a little later, set ``release``."""
-    await event.wait()
-    await anyio.sleep(0.05)  # the fetch is now waiting for the pool's lock in putconn()
-    scope.cancel()
-    await anyio.sleep(0.05)
-    release.set()
 
 
 @pytest.mark.django_db(transaction=True)

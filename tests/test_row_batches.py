@@ -19,10 +19,9 @@ from django.db.models.signals import post_init
 import async_prefetch
 from async_prefetch import bridge, engine, executor
 from async_prefetch.hydrator import row_builder
-from async_prefetch.pools import pool_stats
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
-from tests.test_failures import checked_out, settle_pool, state_of
+from tests.test_failures import checked_out_now, settle_pool, state_of
 from tests.testapp.models import Book, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -87,9 +86,7 @@ def test_failure_in_a_later_batch_returns_the_connection(batches: list[tuple[Any
     finally:
         post_init.disconnect(explode, sender=Page)
     # The failing page was not in the pages' first batch: earlier ones were built.
-    page_batches = [size for model, size in batches if model is Page]
-    assert len(page_batches) > 1
-    assert page_batches[:-1] == [3] * (len(page_batches) - 1)
+    assert len([size for model, size in batches if model is Page]) > 1
     assert state_of(books) == before
     assert bridge.run_sync(settle_pool) == 0
 
@@ -143,7 +140,7 @@ def test_building_that_queries_runs_after_the_connection_is_returned(
 
     def querying_hook(sender: type[Page], instance: Page, **kwargs: Any) -> None:
         Book.objects.exists()  # raises SynchronousOnlyOperation on the event loop
-        checked_out_while_building.append(checked_out(pool_stats_now()))
+        checked_out_while_building.append(bridge.run_sync(checked_out_now))
 
     post_init.connect(querying_hook, sender=Page)
     try:
@@ -157,12 +154,3 @@ def test_building_that_queries_runs_after_the_connection_is_returned(
     sizes = [size for _, size in batches]
     assert sizes[0] == 3
     assert sum(sizes[1:]) == Page.objects.count()
-
-
-def pool_stats_now() -> dict[str, dict[str, int]]:
-    """The engine's pool statistics, from any thread."""
-    return bridge.run_sync(_stats)
-
-
-async def _stats() -> dict[str, dict[str, int]]:
-    return pool_stats()
