@@ -56,7 +56,8 @@ class Journal:
             return record
         prefetched = getattr(obj, _PREFETCHED, _MISSING)
         fields_cache = getattr(getattr(obj, "_state", None), "fields_cache", None)
-        attributes = len(obj.__dict__) if hasattr(obj, "__dict__") else None
+        attrs = getattr(obj, "__dict__", None)  # a class's is a read-only mappingproxy
+        attributes = len(attrs) if type(attrs) is dict else None
         record = [
             *(obj, prefetched, _items(prefetched), fields_cache, _items(fields_cache)),
             *(attributes, None),

@@ -261,3 +261,24 @@ def test_failure_removes_attributes_the_run_added() -> None:
     assert state_of(books) == before
     assert all("author_list" not in vars(b) and "publisher_id" not in vars(b) for b in books)
     assert all(b.get_deferred_fields() == {"publisher_id"} for b in books)
+
+
+def test_rollback_of_objects_without_a_writable_dict() -> None:
+    """Walks can reach any object, a class too (its ``__dict__`` is a read-only proxy):
+    the prefetch cache a run gave it is removed, and the objects after it are restored."""
+
+    class Walked:
+        pass
+
+    class Other:
+        pass
+
+    journal = Journal()
+    instance = Other()
+    for obj in (Walked, instance):
+        journal.touch(obj)
+        setattr(obj, "_prefetched_objects_cache", {})  # noqa: B010 (as _prepare does)
+    setattr(instance, "added", True)  # noqa: B010
+    journal.rollback()
+    assert "_prefetched_objects_cache" not in vars(Walked)
+    assert vars(instance) == {}
