@@ -31,7 +31,7 @@ from django.db.models.fields.related_descriptors import (
 from django.db.models.fields.tuple_lookups import TupleIn
 
 from .hydrator import PLAIN_DESCRIPTORS
-from .lookups import AnyOf, any_instead_of_in
+from .lookups import AnyOf, any_instead_of_in, plain_values
 
 KeyFunc = Callable[[Model], Hashable]
 
@@ -230,8 +230,18 @@ def _filter_by_parents(queryset: Any, fk: Any, instances: list[Model]) -> Any:
         return _filter_prefetch_queryset(queryset, fk.name, instances)
     target = targets[0]
     values = list(map(operator.attrgetter(target.attname), instances))
+    lookup = f"{fk.name}__{target.name}__in"
+    if len(values) > 1 and plain_values(values):
+        # Django's filter for the first value only (its joins, lookup and column),
+        # then all the values prepared at once: Django's filter resolves and
+        # prepares each value through several calls (about 1.5 us per value).
+        probe = queryset.query.clone()
+        probe.add_q(Q(**{lookup: values[:1]}), reuse_all=True)
+        if any_instead_of_in(probe, values):
+            queryset.query = probe
+            return queryset
     # As Django's filter: reuse every join already in the query.
-    queryset.query.add_q(Q(**{f"{fk.name}__{target.name}__in": values}), reuse_all=True)
+    queryset.query.add_q(Q(**{lookup: values}), reuse_all=True)
     any_instead_of_in(queryset.query)
     return queryset
 

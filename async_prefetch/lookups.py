@@ -12,10 +12,12 @@ exactly as ``IN``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet
 from django.db.models.expressions import ColPairs
+from django.db.models.fields import AutoFieldMixin, Field, IntegerField
 from django.db.models.fields.related_lookups import RelatedIn
 from django.db.models.lookups import In
 from django.db.models.sql.where import AND
@@ -28,14 +30,28 @@ class AnyOf(In):
     def process_rhs(self, compiler: Any, connection: Any) -> tuple[str, Any]:
         if connection.vendor != "postgresql" or not self.rhs_is_direct_value():
             return super().process_rhs(compiler, connection)
-        values = OrderedSet(self.rhs)
+        try:
+            values = OrderedSet(self.rhs)
+        except TypeError:  # unhashable values: Django's IN list
+            return super().process_rhs(compiler, connection)
         values.discard(None)
         if not values:
             raise EmptyResultSet
-        sqls, params = self.batch_process_rhs(compiler, connection, values)
-        if any(sql != "%s" for sql in sqls):  # expressions among the values
+        if self.bilateral_transforms or not _plain(values):
             return super().process_rhs(compiler, connection)
-        return "(%s)", [list(params)]
+        # FieldGetDbPrepValueMixin.get_db_prep_lookup(), without the per-value
+        # expression plumbing of batch_process_rhs() (none of the values is one).
+        field = getattr(self.lhs.output_field, "target_field", None)
+        prepare = (
+            getattr(field, "get_db_prep_value", None) or self.lhs.output_field.get_db_prep_value
+        )
+        if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
+            params = list(values)
+        else:
+            params = [prepare(value, connection, prepared=True) for value in values]
+        if not _plain(params):
+            return super().process_rhs(compiler, connection)
+        return "(%s)", [params]
 
     def get_rhs_op(self, connection: Any, rhs: str) -> str:
         if connection.vendor == "postgresql" and rhs == "(%s)":
@@ -43,23 +59,71 @@ class AnyOf(In):
         return super().get_rhs_op(connection, rhs)
 
 
-def any_instead_of_in(query: Any) -> None:
+def _plain(values: Iterable[Any], *, sequences: bool = True) -> bool:
+    """True when no value can be an expression to Django (which asks each value
+    ``hasattr(value, "resolve_expression")`` or ``"as_sql"``), decided once per type:
+    instances without a ``__dict__`` or a ``__getattr__`` have only their class's
+    attributes. With ``sequences=False``, lists and tuples are not plain either."""
+    return not any(
+        kind.__dictoffset__
+        or hasattr(kind, "__getattr__")
+        or hasattr(kind, "resolve_expression")
+        or hasattr(kind, "as_sql")
+        or (not sequences and issubclass(kind, (list, tuple)))
+        for kind in set(map(type, values))
+    )
+
+
+def plain_values(values: list[Any]) -> bool:
+    """True when no value is an expression or a sequence: a query's ``__in`` filter
+    then prepares each value on its own (``resolve_lookup_value`` and
+    ``get_prep_lookup`` leave no value depending on another)."""
+    return _plain(values, sequences=False)
+
+
+def any_instead_of_in(query: Any, values: list[Any] | None = None) -> bool:
     """Turn the ``IN`` list a builder just added to ``query`` (its last condition) into ``AnyOf``.
 
     Only a plain single-column ``IN`` of direct values at the top level of an ``AND``
     where clause is changed; anything else (subqueries, multi-column relations, the
-    window filter of sliced querysets) is left as Django built it.
+    window filter of sliced querysets, a field's own ``in`` lookup) is left as Django
+    built it. With ``values`` (:func:`plain_values`), the condition's values are
+    replaced by ``values`` prepared as its lookup prepares its own: the builder added
+    it for one of them, which is as exact and avoids Django's per-value plumbing.
+    Returns whether the condition was changed.
     """
     where = query.where
     if where.connector != AND or where.negated or not where.children:
-        return
+        return False
     last = where.children[-1]
     if type(last) not in (In, RelatedIn) or isinstance(last.lhs, ColPairs):
-        return
+        return False
     if not last.rhs_is_direct_value():
-        return
+        return False
     # Django prepared the values already, as In (AnyOf's base) would: take the
     # lookup's state as it is rather than preparing every value a second time.
     any_of = object.__new__(AnyOf)
     any_of.__dict__.update(vars(last))
+    if values is not None:
+        if type(last) is not In or not isinstance(last.rhs, list) or len(last.rhs) != 1:
+            return False
+        any_of.rhs = _prepared(any_of, values)
     where.children[-1] = any_of
+    return True
+
+
+def _prepared(lookup: In, values: list[Any]) -> list[Any]:
+    """What ``lookup.get_prep_lookup()`` returns for plain ``values`` (no expressions)."""
+    output_field = getattr(lookup.lhs, "output_field", None)
+    prepare = getattr(output_field, "get_prep_value", None)
+    if not lookup.prepare_rhs or prepare is None:
+        return list(values)
+    if getattr(prepare, "__func__", None) is IntegerField.get_prep_value and all(
+        type(value) is int for value in values
+    ):
+        return list(values)  # int(value) for an int
+    return [prepare(value) for value in values]
+
+
+_PREPARED_AS_IS = frozenset({Field.get_db_prep_value, AutoFieldMixin.get_db_prep_value})
+"""``get_db_prep_value`` implementations that return a prepared value unchanged."""

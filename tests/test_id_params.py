@@ -1,0 +1,120 @@
+"""The one array parameter holds exactly the values Django's ``IN`` list would hold.
+
+The reverse foreign key builder lets Django build its filter for one parent key and then
+prepares all the keys itself, and ``AnyOf`` prepares its values without Django's
+per-value expression plumbing (as is, for fields whose preparation returns them
+unchanged). Each is compared here with the statement Django compiles for the same
+filter: the same SQL but for ``= ANY(%s)``, and the same parameters, type for type, in
+the same order (duplicates and ``None`` dropped, as Django's ``IN`` drops them).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db.models import F, Model, QuerySet, Value
+from django.db.models.lookups import In
+
+from async_prefetch.builders import _filter_by_parents
+from async_prefetch.compiler import compile_queryset
+from async_prefetch.lookups import AnyOf, _plain, any_instead_of_in, plain_values
+from tests.testapp.models import Book, Edition, Page, Publisher, Review
+
+
+class KeyWithAttributes(str):
+    """A key type whose instances could carry ``resolve_expression``: never "plain"."""
+
+
+def typed(params: Any) -> list[tuple[type[Any], Any]]:
+    return [(type(param), param) for param in params]
+
+
+def assert_any_matches_in(ours: QuerySet[Any], djangos: QuerySet[Any]) -> None:
+    """``ours`` compiles as ``djangos`` with its last ``IN (...)`` list as one array."""
+    engine, django = compile_queryset(ours), compile_queryset(djangos)
+    assert engine.sql is not None
+    assert django.sql is not None
+    in_list = re.search(r" IN \((%s(, )?)+\)", django.sql)
+    assert in_list is not None, django.sql
+    assert engine.sql == django.sql.replace(in_list.group(0), " = ANY(%s)")
+    listed = in_list.group(0).count("%s")
+    before = django.sql[: in_list.start()].count("%s")
+    assert typed(engine.params[:before]) == typed(django.params[:before])
+    assert typed(engine.params[before]) == typed(django.params[before : before + listed])
+    assert typed(engine.params[before + 1 :]) == typed(django.params[before + listed :])
+
+
+UUIDS = [uuid.UUID(int=7), uuid.UUID(int=3)]
+
+
+@pytest.mark.parametrize(
+    ("model", "relation", "keys"),
+    [
+        (Page, "book", [3, 1, 3, 2]),  # integer primary key, a duplicate
+        (Page, "book", [3, None, 1]),  # an unsaved parent
+        (Page, "book", [1, 2.0, "3", True, Decimal("4")]),  # converted as Django converts
+        (Page, "book", [5]),  # one parent: Django's filter as it is
+        (Review, "book", [2, 1]),  # the default manager filters too
+        (Edition, "book", ["isbn-2", "isbn-1", "isbn-2"]),  # to_field, a string key
+        (Book, "publisher", [UUIDS[0], str(UUIDS[1])]),  # UUID key, one as text
+        (Page, "book", [KeyWithAttributes("2"), 1]),  # not plain: Django's filter
+    ],
+)
+def test_reverse_foreign_key_array_holds_djangos_values(
+    model: type[Model], relation: str, keys: list[Any]
+) -> None:
+    fk: Any = model._meta.get_field(relation)
+    target = fk.foreign_related_fields[0]
+    parents = [fk.related_model(**{target.attname: key}) for key in keys]
+    djangos = model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
+    ours = _filter_by_parents(model._default_manager.all(), fk, parents)
+    assert_any_matches_in(ours, djangos)
+
+
+@pytest.mark.parametrize(
+    ("field", "values"),
+    [
+        ("number", [2, 1, 2, None]),  # IntegerField: Django adapts each value
+        ("id", [2, 1]),  # auto field: prepared values are sent as they are
+        ("text", ["b", "a"]),
+        ("text", [KeyWithAttributes("b"), "a"]),  # not plain: rendered as Django's IN
+    ],
+)
+def test_any_of_sends_djangos_parameters(field: str, values: list[Any]) -> None:
+    djangos = Page.objects.filter(**{f"{field}__in": values})
+    ours = Page.objects.filter(**{f"{field}__in": values})
+    assert any_instead_of_in(ours.query)
+    assert type(ours.query.where.children[-1]) is AnyOf
+    if plain_values(values):
+        assert_any_matches_in(ours, djangos)
+    else:  # rendered exactly as Django's IN
+        assert compile_queryset(ours).sql == compile_queryset(djangos).sql
+        assert typed(compile_queryset(ours).params) == typed(compile_queryset(djangos).params)
+
+
+def test_prepared_values_replace_the_probe_value_only_for_a_plain_in() -> None:
+    query = Page.objects.filter(book__id__in=[1]).query
+    assert any_instead_of_in(query, [1, 2, 3])
+    assert query.where.children[-1].rhs == [1, 2, 3]
+    # A subquery: left as Django built it, and the caller is told.
+    subquery = Page.objects.filter(book__in=Book.objects.filter(pk=F("pk"))).query
+    assert not any_instead_of_in(subquery, [1, 2])
+    assert type(subquery.where.children[-1]) is not AnyOf
+    # A lookup that was not built for one value.
+    two = Page.objects.filter(book__id__in=[1, 2]).query
+    assert not any_instead_of_in(two, [1, 2, 3])
+    assert type(two.where.children[-1]) is In
+
+
+def test_plain_is_decided_per_type() -> None:
+    assert _plain([1, "a", uuid.uuid4(), Decimal(1), None, 2.5])
+    assert not _plain([1, KeyWithAttributes("a")])
+    assert not _plain([1, Value(1)])
+    assert not _plain([Publisher()])  # a model instance: Django resolves its pk
+    assert _plain([(1, 2)])
+    assert not plain_values([(1, 2)])
+    assert not plain_values([[1]])
