@@ -247,6 +247,9 @@ class _Run:
         trace = self._caller.trace
         if isinstance(step, _Fetch):
             self._launch(step)
+            # Let the new fetch tasks send their queries before this task builds and
+            # compiles the next level's: the server works while the loop compiles.
+            await anyio.lowlevel.checkpoint()
         else:
             if trace is not None and step is not None:
                 trace.finish(trace.start(level.key, "walk"), len(step))

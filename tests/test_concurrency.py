@@ -93,3 +93,38 @@ async def sync_seed() -> None:
     from asgiref.sync import sync_to_async
 
     await sync_to_async(seed_bookstore)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_query_is_sent_before_the_next_sibling_is_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compiling is CPU work on the event loop: a level's query goes out first, so the
+    server runs it while the next sibling's query is built and compiled."""
+    from async_prefetch import engine, executor
+
+    seed_bookstore()
+    events: list[str] = []
+    compile_queryset, fetch = engine.compile_queryset, executor.PoolExecutor.fetch
+
+    def logged_compile(queryset: QuerySet[Any]) -> Any:
+        events.append(f"compile {queryset.model.__name__}")
+        return compile_queryset(queryset)
+
+    async def logged_fetch(self: Any, query: Any, consume: Any) -> None:
+        events.append(f"send {query.model.__name__}")
+        await fetch(self, query, consume)
+
+    monkeypatch.setattr(engine, "compile_queryset", logged_compile)
+    monkeypatch.setattr(executor.PoolExecutor, "fetch", logged_fetch)
+    async_prefetch.prefetch(Book.objects.order_by("pk"), "pages", "reviews", "editions")
+    assert events == [
+        "compile Book",
+        "send Book",
+        "compile Page",
+        "send Page",
+        "compile Review",
+        "send Review",
+        "compile Edition",
+        "send Edition",
+    ]
