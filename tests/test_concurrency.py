@@ -101,11 +101,11 @@ def test_each_query_is_sent_before_the_next_sibling_is_compiled(
 ) -> None:
     """Compiling is CPU work on the event loop: a level's query goes out first, so the
     server runs it while the next sibling's query is built and compiled."""
-    from async_prefetch import engine, executor
+    from async_prefetch import compiler, engine, executor
 
     seed_bookstore()
     events: list[str] = []
-    compile_queryset, fetch = engine.compile_queryset, executor.PoolExecutor.fetch
+    compile_queryset, fetch = compiler.compile_queryset, executor.PoolExecutor.fetch
 
     def logged_compile(queryset: QuerySet[Any]) -> Any:
         events.append(f"compile {queryset.model.__name__}")

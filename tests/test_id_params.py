@@ -48,6 +48,10 @@ def assert_any_matches_in(ours: QuerySet[Any], djangos: QuerySet[Any]) -> None:
     assert typed(engine.params[before + 1 :]) == typed(django.params[before + listed :])
 
 
+def last_condition(query: Any) -> Any:
+    return query.where.children[-1]
+
+
 UUIDS = [uuid.UUID(int=7), uuid.UUID(int=3)]
 
 
@@ -88,7 +92,7 @@ def test_any_of_sends_djangos_parameters(field: str, values: list[Any]) -> None:
     djangos = Page.objects.filter(**{f"{field}__in": values})
     ours = Page.objects.filter(**{f"{field}__in": values})
     assert any_instead_of_in(ours.query)
-    assert type(ours.query.where.children[-1]) is AnyOf
+    assert type(last_condition(ours.query)) is AnyOf
     if plain_values(values):
         assert_any_matches_in(ours, djangos)
     else:  # rendered exactly as Django's IN
@@ -99,15 +103,15 @@ def test_any_of_sends_djangos_parameters(field: str, values: list[Any]) -> None:
 def test_prepared_values_replace_the_probe_value_only_for_a_plain_in() -> None:
     query = Page.objects.filter(book__id__in=[1]).query
     assert any_instead_of_in(query, [1, 2, 3])
-    assert query.where.children[-1].rhs == [1, 2, 3]
+    assert last_condition(query).rhs == [1, 2, 3]
     # A subquery: left as Django built it, and the caller is told.
     subquery = Page.objects.filter(book__in=Book.objects.filter(pk=F("pk"))).query
     assert not any_instead_of_in(subquery, [1, 2])
-    assert type(subquery.where.children[-1]) is not AnyOf
+    assert type(last_condition(subquery)) is not AnyOf
     # A lookup that was not built for one value.
     two = Page.objects.filter(book__id__in=[1, 2]).query
     assert not any_instead_of_in(two, [1, 2, 3])
-    assert type(two.where.children[-1]) is In
+    assert type(last_condition(two)) is In
 
 
 def test_plain_is_decided_per_type() -> None:
