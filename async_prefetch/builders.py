@@ -50,7 +50,8 @@ class RelationQuery:
     """What ``get_prefetch_querysets()`` returns, with the queryset left unevaluated.
 
     ``link_back(related_objects)`` writes the related objects' caches back to their
-    parents: what Django's builders do while evaluating the queryset. Because they
+    parents, what Django's builders do while evaluating the queryset, and returns each
+    object's ``rel_obj_attr`` key (in order) for the level to group them by. Because they
     evaluate it, the queryset's own ``prefetch_related()`` lookups run *before* those
     writes there, so the engine runs ``additional_lookups`` (already removed from the
     queryset) before ``link_back`` when ``link_back`` is set, and after otherwise.
@@ -62,7 +63,7 @@ class RelationQuery:
     single: bool
     cache_name: str
     is_descriptor: bool
-    link_back: Callable[[list[Model]], None] | None = None
+    link_back: Callable[[list[Model]], list[Hashable]] | None = None
     additional_lookups: list[Any] = field(default_factory=list)
 
 
@@ -88,29 +89,37 @@ def _descriptor_queryset(
 
 def _linker(
     field: Any, rel_obj_attr: KeyFunc, instances_dict: dict[Any, Model], *, keep_cached: bool
-) -> Callable[[list[Model]], None]:
+) -> Callable[[list[Model]], list[Hashable]]:
     """``link_back``: cache each related object's parent on ``field``, as Django's
-    evaluating builders do (the reverse FK one leaves already-cached values alone)."""
+    evaluating builders do (the reverse FK one leaves already-cached values alone), and
+    return the objects' keys. Each key is read once, here: the grouping that follows
+    in Django reads the same key again."""
     kind = type(field)
     if (
         kind.is_cached is not FieldCacheMixin.is_cached
         or kind.set_cached_value is not FieldCacheMixin.set_cached_value
     ):
 
-        def link_back_via_field(related: list[Model]) -> None:
+        def link_back_via_field(related: list[Model]) -> list[Hashable]:
+            keys = []
             for rel_obj in related:
+                key = rel_obj_attr(rel_obj)
+                keys.append(key)
                 if not (keep_cached and field.is_cached(rel_obj)):
-                    field.set_cached_value(rel_obj, instances_dict[rel_obj_attr(rel_obj)])
+                    field.set_cached_value(rel_obj, instances_dict[key])
+            return keys
 
         return link_back_via_field
     cache_name = field.cache_name
 
-    def link_back(related: list[Model]) -> None:
+    def link_back(related: list[Model]) -> list[Hashable]:
         # FieldCacheMixin's is_cached() and set_cached_value(), inlined.
-        for rel_obj in related:
+        keys = list(map(rel_obj_attr, related))
+        for rel_obj, key in zip(related, keys, strict=True):
             fields_cache = rel_obj._state.fields_cache
             if not (keep_cached and cache_name in fields_cache):
-                fields_cache[cache_name] = instances_dict[rel_obj_attr(rel_obj)]
+                fields_cache[cache_name] = instances_dict[key]
+        return keys
 
     return link_back
 

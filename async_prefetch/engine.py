@@ -465,10 +465,15 @@ class _Run:
         Key functions may read deferred fields (one query each, as in Django), so
         this may run on a worker thread; repeating it after a partial run is harmless.
         """
+        keys: list[Any] | None = []
         for relation, objs in links:
-            if relation.link_back is not None:
-                relation.link_back(objs)
-        self._assign(level, instances, links[0][0], related)
+            if relation.link_back is None:
+                keys = None
+            else:
+                linked_keys = relation.link_back(objs)
+                if keys is not None:
+                    keys += linked_keys
+        self._assign(level, instances, links[0][0], related, keys)
 
     async def _call_django(self, func: Callable[..., T], *args: Any) -> T:
         """Run synchronous Django code that may query, without blocking the event loop.
@@ -500,13 +505,22 @@ class _Run:
             return await self._call_django(func, *args)
 
     def _assign(
-        self, level: Level, instances: list[Model], relation: RelationQuery, related: list[Model]
+        self,
+        level: Level,
+        instances: list[Model],
+        relation: RelationQuery,
+        related: list[Model],
+        keys: list[Any] | None,
     ) -> None:
-        """Fill caches on ``instances`` as Django's ``prefetch_one_level`` does."""
+        """Fill caches on ``instances`` as Django's ``prefetch_one_level`` does.
+
+        ``keys`` are ``related``'s ``rel_obj_attr`` keys when ``link_back`` read them.
+        """
         rel_obj_cache: dict[Any, list[Model]] = {}
-        rel_obj_attr = relation.rel_obj_attr
-        for rel_obj in related:
-            rel_obj_cache.setdefault(rel_obj_attr(rel_obj), []).append(rel_obj)
+        for key, rel_obj in zip(
+            map(relation.rel_obj_attr, related) if keys is None else keys, related, strict=True
+        ):
+            rel_obj_cache.setdefault(key, []).append(rel_obj)
         lookup = level.lookup
         to_attr, as_attr = level.to_attr, level.as_attr
         leaf_queryset: Any = lookup.queryset if level.is_leaf else None
