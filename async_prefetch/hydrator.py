@@ -62,10 +62,18 @@ def row_builder(compiled: CompiledQuery) -> RowBuilder:
     peers: list[Any] = []
     col_count = compiler.col_count if compiler.has_extra_select else None
 
+    plain = not (track_peers or populators or annotation_col_map or known_related)
+    whole_row = start == 0 and end == len(select) and col_count is None
+
     def build(rows: Rows) -> list[Model]:
         batch: Any = rows  # results_iter() takes any iterable of rows per batch
         if col_count is not None:  # trim ordering-only columns, a row at a time as Django
             batch = (row[:col_count] for row in rows)
+        if plain:  # nothing but the model's own fields
+            rows_out = compiler.results_iter(results=(batch,))
+            if whole_row:
+                return [from_db(db, init_list, row) for row in rows_out]
+            return [from_db(db, init_list, row[start:end]) for row in rows_out]
         instances: list[Model] = []
         peers_before = len(peers)
         try:
@@ -138,8 +146,13 @@ def fast_from_db(
         # Django's __init__ does through that descriptor): fill it directly.
         def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
             obj = new_instance(model)
+            state = ModelState()  # new_state(db), inlined: this runs once per row
+            state.adding = False
+            state.db = db
+            if fetch_mode is not None:
+                state.fetch_mode = fetch_mode
             attrs = obj.__dict__
-            attrs["_state"] = new_state(db)
+            attrs["_state"] = state
             attrs.update(zip(field_names, values, strict=True))
             return obj
 
