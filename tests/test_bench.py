@@ -50,8 +50,19 @@ def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
         assert result["engine_queries"] > 1
         assert set(result["median_ms"]) == set(SIDES), result.get("floor_note")
         assert all(len(samples) == 2 for samples in result["samples_ms"].values())
+        assert set(result["gc_median_ms"]) == set(SIDES)
+        assert all(
+            0 <= collected <= total
+            for side in SIDES
+            for collected, total in zip(
+                result["gc_samples_ms"][side], result["samples_ms"][side], strict=True
+            )
+        )
     memory = {(m["workload"], m["side"]) for m in report["memory"]}
     assert memory == {(name, side) for name in NAMES for side in ("django_sync", "engine")}
+
+    # The biggest workload allocates enough to trigger the collector during its runs.
+    assert any(r["gc_median_ms"]["engine"] > 0 for r in results if r["workload"] == "big-batch")
 
     markdown = (out / "results.md").read_text()
     assert "| workload | RTT ms |" in markdown

@@ -271,6 +271,8 @@ class Result:
     slowest_query_ms: float | None = None
     median_ms: dict[str, float] = field(default_factory=dict)
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    gc_median_ms: dict[str, float] = field(default_factory=dict)
+    gc_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     floor_note: str | None = None
     error: str | None = None
 
@@ -283,6 +285,29 @@ class Result:
     def engine_over_floor(self) -> float | None:
         engine, floor = self.median_ms.get("engine"), self.median_ms.get("floor")
         return engine / floor if engine and floor else None
+
+
+class CollectorClock:
+    """Wall time the cyclic garbage collector runs while this is entered, on any thread
+    (``gc.callbacks``; a collection holds the GIL, so nothing else runs meanwhile)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def __enter__(self) -> CollectorClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def _check(workload: Any, reference: list[Any], side: str, run: str, objects: Any) -> None:
@@ -357,6 +382,7 @@ def bench_workload(
         measures["floor"] = lambda: runner.run(_floor(floor_plan_))
     sides = [side for side in SIDES if side in measures]
     samples: dict[str, list[float]] = {side: [] for side in sides}
+    collector: dict[str, list[float]] = {side: [] for side in sides}
     for run in range(runs):
         order = sides[run % len(sides) :] + sides[: run % len(sides)]
         for side in order:
@@ -364,15 +390,19 @@ def bench_workload(
             if not collect_garbage:
                 gc.disable()
             try:
-                seconds, objects = measures[side]()
+                with CollectorClock() as clock:
+                    seconds, objects = measures[side]()
             finally:
                 gc.enable()
             if side != "floor":
                 _check(workload, reference, side, f"run {run + 1}", objects)
             samples[side].append(seconds * 1000)
+            collector[side].append(clock.seconds * 1000)
             del objects
     result.samples_ms = samples
     result.median_ms = {side: statistics.median(values) for side, values in samples.items()}
+    result.gc_samples_ms = collector
+    result.gc_median_ms = {side: statistics.median(values) for side, values in collector.items()}
 
 
 # -- peak memory ------------------------------------------------------------------------------
@@ -592,19 +622,21 @@ def results_table(results: Sequence[Result]) -> str:
     """The markdown table of medians, one row per workload and RTT."""
     lines = [
         "| workload | RTT ms | runs | Django sync ms | Django async ms | engine ms | floor ms "
-        "| speed-up vs Django sync | engine/floor | queries (Django/engine) | slowest query ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| speed-up vs Django sync | engine/floor | queries (Django/engine) | slowest query ms "
+        "| GC ms (Django sync/engine) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.workload} | {r.rtt_ms:g} | FAILED: see below |" + " |" * 8)
+            lines.append(f"| {r.workload} | {r.rtt_ms:g} | FAILED: see below |" + " |" * 9)
             continue
         m = r.median_ms
         lines.append(
             f"| {r.workload} | {r.rtt_ms:g} | {r.runs} | {_ms(m.get('django_sync'))} "
             f"| {_ms(m.get('django_async'))} | {_ms(m.get('engine'))} | {_ms(m.get('floor'))} "
             f"| {_ratio(r.speedup)} | {_ratio(r.engine_over_floor)} "
-            f"| {r.django_queries}/{r.engine_queries} | {_ms(r.slowest_query_ms)} |"
+            f"| {r.django_queries}/{r.engine_queries} | {_ms(r.slowest_query_ms)} "
+            f"| {_ms(r.gc_median_ms.get('django_sync'))}/{_ms(r.gc_median_ms.get('engine'))} |"
         )
     return "\n".join(lines)
 
@@ -652,7 +684,9 @@ def markdown_report(
         "RTT is what a latency proxy in its own process adds per round trip (RTT 0 still goes "
         "through the proxy). Speed-up = Django sync / engine. Floor = the engine's own SQL on "
         "its pool with raw psycopg, each depth's statements concurrent, a dict per row: a lower "
-        "bound. Slowest query = the slowest single engine statement fetched alone (best of 3).",
+        "bound. Slowest query = the slowest single engine statement fetched alone (best of 3). "
+        "GC = the median time the cyclic garbage collector ran during a side's timed run "
+        "(included in its time; `gc.callbacks`).",
         "",
         results_table(results),
     ]
