@@ -13,6 +13,7 @@ Another strategy (psycopg pipeline mode on one connection) fits behind ``Executo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -98,12 +99,13 @@ class PoolExecutor:
                             # converts rows without waiting for the server.
                             while rows := await cursor.fetchmany(BATCH_ROWS):
                                 await consume(rows)
-                        finally:
-                            if log:  # after reading: mogrify() drops the cursor's result
-                                text = _executed_sql(cursor, query)
-                                record_query(
-                                    self._log_connection, self._alias, query.params, duration, text
-                                )
+                        except BaseException:
+                            if log:  # logged as Django logs a failed query; never instead
+                                with contextlib.suppress(Exception):
+                                    self._record(cursor, query, duration)
+                            raise
+                        if log:  # after reading: mogrify() drops the cursor's result
+                            self._record(cursor, query, duration)
                 finally:
                     # Shielded: anyio cancels every await of a cancelled task, and a
                     # putconn() interrupted while it waits for the pool's lock leaves
@@ -112,6 +114,10 @@ class PoolExecutor:
                         await pool.putconn(conn)
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
+
+    def _record(self, cursor: Any, query: CompiledQuery, duration: float) -> None:
+        text = _executed_sql(cursor, query)
+        record_query(self._log_connection, self._alias, query.params, duration, text)
 
 
 def _executed_sql(cursor: Any, query: CompiledQuery) -> str:

@@ -13,8 +13,10 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import Prefetch, prefetch_related_objects
 from django.db.models.signals import post_init
+from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
 from async_prefetch import bridge, engine, executor
@@ -154,3 +156,34 @@ def test_building_that_queries_runs_after_the_connection_is_returned(
     sizes = [size for _, size in batches]
     assert sizes[0] == 3
     assert sum(sizes[1:]) == Page.objects.count()
+
+
+def test_a_query_whose_rows_fail_is_logged_and_keeps_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seed_bookstore(n_books=3)
+
+    def explode(sender: type[Page], instance: Page, **kwargs: Any) -> None:
+        raise RuntimeError("cannot build this page")
+
+    post_init.connect(explode, sender=Page)
+    try:
+        with (
+            CaptureQueriesContext(connection) as logged,
+            pytest.raises(RuntimeError, match="cannot build this page"),
+        ):
+            async_prefetch.prefetch_related_objects(list(Book.objects.all()), "pages")
+        assert any('"testapp_page"' in query["sql"] for query in logged.captured_queries)
+
+        def broken_log(cursor: Any, query: Any) -> str:
+            raise ValueError("the query log failed")
+
+        monkeypatch.setattr(executor, "_executed_sql", broken_log)
+        with (
+            CaptureQueriesContext(connection),
+            pytest.raises(RuntimeError, match="cannot build this page"),
+        ):
+            async_prefetch.prefetch_related_objects(list(Book.objects.all()), "pages")
+    finally:
+        post_init.disconnect(explode, sender=Page)
+    assert bridge.run_sync(settle_pool) == 0
