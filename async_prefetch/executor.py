@@ -13,6 +13,7 @@ Another strategy (psycopg pipeline mode on one connection) fits behind ``Executo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -92,7 +93,7 @@ class PoolExecutor:
                 try:
                     async with conn.cursor() as cursor:
                         started = time.perf_counter()
-                        await cursor.execute(query.sql, query.params)
+                        await _execute(cursor, query)
                         duration = time.perf_counter() - started
                         try:
                             # The whole result is in the client already: fetchmany()
@@ -118,6 +119,34 @@ class PoolExecutor:
     def _record(self, cursor: Any, query: CompiledQuery, duration: float) -> None:
         text = _executed_sql(cursor, query)
         record_query(self._log_connection, self._alias, query.params, duration, text)
+
+
+async def _execute(cursor: Any, query: CompiledQuery) -> None:
+    """``cursor.execute()``, cancellable the way psycopg expects to be cancelled.
+
+    When the task awaiting a query is cancelled, psycopg asks the server to cancel it
+    and waits for it to end, which needs two more awaits. anyio cancels every await in
+    a cancelled scope, so that clean-up would be interrupted too: psycopg then closes
+    the connection (the pool opens another) and the server may go on running the query.
+    So the query runs in a task of its own, cancelled once, and a cancelled caller
+    waits, shielded, until psycopg has finished (bounded by its own 5 s timeouts).
+    """
+    statement = cursor.execute(query.sql, query.params)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not on asyncio (trio): no asyncio task to run it in
+        await statement
+        return
+    task = asyncio.ensure_future(statement)
+    try:
+        await asyncio.shield(task)
+    except BaseException:
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's own exception wins
+        raise
 
 
 def _executed_sql(cursor: Any, query: CompiledQuery) -> str:

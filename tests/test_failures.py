@@ -178,6 +178,32 @@ async def test_cancellation_restores_instances_and_pool() -> None:
     await async_prefetch.aclose()
 
 
+async def discarded_connections() -> int:
+    """Connections the engine's pools got back closed (``returns_bad``) so far."""
+    return sum(stats.get("returns_bad", 0) for stats in pool_stats().values())
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_cancellation_cancels_the_query_and_keeps_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg cancels a query in the server when its task is cancelled, and waits for
+    it to end: by the time the caller goes on, nothing sleeps there any more, and the
+    connection went back to the pool usable (psycopg closes it if that clean-up is
+    itself cancelled, as anyio's cancel scopes would do to every await)."""
+    await sync_to_async(seed_bookstore)()
+    books: list[Any] = await sync_to_async(fresh_books)()
+    discarded = await bridge.run_async(discarded_connections)
+    with anyio.move_on_after(0.5) as scope:
+        await async_prefetch.aprefetch_related_objects(books, *FAST, SLEEPING)
+    assert scope.cancelled_caught
+    assert await sync_to_async(sleepers)() == 0
+    assert await bridge.run_async(settle_pool) == 0
+    assert await bridge.run_async(discarded_connections) == discarded
+    assert "closing connection" not in caplog.text
+
+
 @pytest.mark.anyio
 @pytest.mark.django_db(transaction=True)
 async def test_repeated_cancellation_still_waits_for_the_rollback() -> None:
