@@ -247,8 +247,11 @@ class _Run:
         trace = self._caller.trace
         if isinstance(step, _Fetch):
             self._launch(step)
-            # Let the new fetch tasks send their queries before this task builds and
-            # compiles the next level's: the server works while the loop compiles.
+            # Let the new fetch tasks start before this task builds and compiles the
+            # next level's query: each sends its own a scheduling round or two later
+            # (limiter, pool, its query task), while later siblings are still being
+            # compiled, so the server works while the loop compiles. Nothing here
+            # waits for a connection.
             await anyio.lowlevel.checkpoint()
         else:
             if trace is not None and step is not None:
