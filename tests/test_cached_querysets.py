@@ -21,7 +21,7 @@ import async_prefetch
 from async_prefetch import _compat, cached_querysets
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
-from tests.test_differential import check_sync, fresh
+from tests.differential import check_sync, fresh
 from tests.testapp.models import Author, Book, Country, EBook, Location, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)

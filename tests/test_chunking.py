@@ -20,8 +20,8 @@ from pytest_django.fixtures import Settings
 import async_prefetch
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
-from tests.test_concurrency import SLEEP, slow
-from tests.test_differential import django_side, engine_side, fresh
+from tests.differential import django_side, engine_side, fresh
+from tests.server_time import SLEEP, slow
 from tests.testapp.models import Author, Book, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)

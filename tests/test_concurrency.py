@@ -8,7 +8,7 @@ query. Siblings must start together; a child must start after its parent finishe
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,25 +16,8 @@ from django.db.models import Prefetch, QuerySet
 
 import async_prefetch
 from tests.factories import seed_bookstore
+from tests.server_time import SLEEP, slow, start_of
 from tests.testapp.models import Author, Book, Location, Page, Review
-
-SLEEP = 0.3
-
-
-def slow(queryset: QuerySet[Any], seconds: float = SLEEP) -> QuerySet[Any]:
-    """``queryset`` that spends ``seconds`` in the server and records its start time."""
-    return queryset.extra(
-        select={"started_at": "statement_timestamp()"},
-        where=["EXISTS (SELECT 1 FROM pg_sleep(%s))"],
-        params=[seconds],
-    )
-
-
-def start_of(objects: list[Any]) -> datetime:
-    starts = {obj.started_at for obj in objects}
-    assert len(starts) == 1, "one query per relation"
-    start: datetime = starts.pop()
-    return start
 
 
 @pytest.mark.anyio

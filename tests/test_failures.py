@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import DataError, connection
+from django.db import DataError
 from django.db.models import Prefetch, prefetch_related_objects
 from django.db.models.expressions import RawSQL
 
@@ -17,8 +17,14 @@ from async_prefetch import bridge
 from async_prefetch.compiler import compile_queryset
 from async_prefetch.executor import PoolExecutor
 from async_prefetch.journal import Journal
-from async_prefetch.pools import get_pool, pool_stats
+from async_prefetch.pools import get_pool
 from tests.factories import seed_bookstore
+from tests.run_state import (
+    discarded_connections,
+    settle_pool,
+    sleepers,
+    state_of,
+)
 from tests.testapp.models import Book, Page, Review
 
 # Fails in the server after 0.2 s, when the fast siblings have long been hydrated: the
@@ -39,39 +45,8 @@ SLEEPING = Prefetch(
 )
 
 
-def checked_out(stats: dict[str, dict[str, int]]) -> int:
-    """Connections given to clients or being prepared (a returned broken one is replaced)."""
-    return sum(s.get("pool_size", 0) - s.get("pool_available", 0) for s in stats.values())
-
-
-async def checked_out_now() -> int:
-    """Checked-out connections of the engine's pools (call it on the engine's loop)."""
-    return checked_out(pool_stats())
-
-
-async def settle_pool() -> int:
-    """Checked-out connections once the pool's background work is done (at most 5 s)."""
-    for _ in range(250):  # polls: the pool has no event for "all returned"
-        if not await checked_out_now():
-            break
-        await anyio.sleep(0.02)
-    return await checked_out_now()
-
-
 def fresh_books() -> list[Any]:
     return list(Book.objects.order_by("pk"))
-
-
-def state_of(books: list[Any]) -> list[Any]:
-    """Everything a run could change: attributes, the fields cache, the prefetch cache."""
-    return [
-        (
-            {k: v for k, v in vars(b).items() if k != "_state"},
-            dict(b._state.fields_cache),
-            dict(getattr(b, "_prefetched_objects_cache", {})),
-        )
-        for b in books
-    ]
 
 
 def filled(books: list[Any]) -> int:
@@ -79,16 +54,6 @@ def filled(books: list[Any]) -> int:
     return sum(
         len(b._state.fields_cache) + len(getattr(b, "_prefetched_objects_cache", {})) for b in books
     )
-
-
-def sleepers() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-            " AND query LIKE '%%pg_sleep(5)%%' AND pid <> pg_backend_pid()"
-        )
-        (count,) = cursor.fetchone()
-    return int(count)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -176,11 +141,6 @@ async def test_cancellation_restores_instances_and_pool() -> None:
         await anyio.sleep(0.05)
     assert await sync_to_async(sleepers)() == 0
     await async_prefetch.aclose()
-
-
-async def discarded_connections() -> int:
-    """Connections the engine's pools got back closed (``returns_bad``) so far."""
-    return sum(stats.get("returns_bad", 0) for stats in pool_stats().values())
 
 
 @pytest.mark.anyio

@@ -14,7 +14,7 @@ from django.db.models import query as django_query
 import async_prefetch
 from async_prefetch.api import django_prefetch_related_objects
 from tests.factories import seed_bookstore
-from tests.test_concurrency import SLEEP, slow
+from tests.server_time import SLEEP, slow
 from tests.testapp.models import Book, Page
 
 SIBLINGS = 4

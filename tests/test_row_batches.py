@@ -23,7 +23,7 @@ from async_prefetch import bridge, engine, executor
 from async_prefetch.hydrator import row_builder
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
-from tests.test_failures import checked_out_now, settle_pool, state_of
+from tests.run_state import checked_out_now, settle_pool, state_of
 from tests.testapp.models import Book, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)

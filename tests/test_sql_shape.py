@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
 from tests.conftest import Bookstore
-from tests.test_differential import check_sync
+from tests.differential import check_sync
 from tests.testapp.models import Author, Book, Page
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,0 +1,59 @@
+"""What a prefetch run can leave behind, for the failure tests: pooled connections still
+checked out or thrown away, queries still running in the server, and the instances'
+attributes and caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from django.db import connection
+
+from async_prefetch.pools import pool_stats
+
+
+def checked_out(stats: dict[str, dict[str, int]]) -> int:
+    """Connections given to clients or being prepared (a returned broken one is replaced)."""
+    return sum(s.get("pool_size", 0) - s.get("pool_available", 0) for s in stats.values())
+
+
+async def checked_out_now() -> int:
+    """Checked-out connections of the engine's pools (call it on the engine's loop)."""
+    return checked_out(pool_stats())
+
+
+async def settle_pool() -> int:
+    """Checked-out connections once the pool's background work is done (at most 5 s)."""
+    for _ in range(250):  # polls: the pool has no event for "all returned"
+        if not await checked_out_now():
+            break
+        await anyio.sleep(0.02)
+    return await checked_out_now()
+
+
+async def discarded_connections() -> int:
+    """Connections the engine's pools got back closed (``returns_bad``) so far."""
+    return sum(stats.get("returns_bad", 0) for stats in pool_stats().values())
+
+
+def sleepers() -> int:
+    """Queries of other connections still sleeping in ``pg_sleep(5)`` in the server."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query LIKE '%%pg_sleep(5)%%' AND pid <> pg_backend_pid()"
+        )
+        (count,) = cursor.fetchone()
+    return int(count)
+
+
+def state_of(books: list[Any]) -> list[Any]:
+    """Everything a run could change: attributes, the fields cache, the prefetch cache."""
+    return [
+        (
+            {k: v for k, v in vars(b).items() if k != "_state"},
+            dict(b._state.fields_cache),
+            dict(getattr(b, "_prefetched_objects_cache", {})),
+        )
+        for b in books
+    ]
