@@ -27,13 +27,15 @@ from typing import Any, TypeAlias
 import pytest
 from django.apps import apps
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection
 from django.db.models import Count, Model, Prefetch, QuerySet, prefetch_related_objects
 from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import async_prefetch
+from async_prefetch import bridge
+from async_prefetch.pools import get_pool
 from tests.cache_snapshot import assert_same_prefetch
 from tests.testapp.models import (
     Author,
@@ -496,7 +498,27 @@ def _django_queryset(queryset: QuerySet[Any], *lookups: Lookup) -> list[Any]:
     return list(queryset.prefetch_related(*lookups))
 
 
+@pytest.fixture
+def full_pool(transactional_db: None) -> None:
+    """Open every pooled connection before Hypothesis draws anything.
+
+    psycopg_pool draws from the global ``random`` (an expiry jitter) whenever it opens a
+    connection, on the engine's thread; Hypothesis reports any change of that state during
+    a draw as the strategy's own use (``HypothesisDeprecationWarning``). A pool at its
+    maximum size opens no more connections while none is lost.
+    """
+
+    async def check_out_all() -> None:
+        pool = await get_pool(DEFAULT_DB_ALIAS)
+        held = [await pool.getconn() for _ in range(pool.max_size)]
+        for conn in held:
+            await pool.putconn(conn)
+
+    bridge.run_sync(check_out_all)
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("full_pool")
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
