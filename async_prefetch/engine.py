@@ -468,15 +468,14 @@ class _Run:
         Key functions may read deferred fields (one query each, as in Django), so
         this may run on a worker thread; repeating it after a partial run is harmless.
         """
-        keys: list[Any] | None = []
-        for relation, objs in links:
-            if relation.link_back is None:
-                keys = None
-            else:
-                linked_keys = relation.link_back(objs)
-                if keys is not None:
-                    keys += linked_keys
-        self._assign(level, instances, links[0][0], related, keys)
+        relation = links[0][0]
+        keys: list[Any] | None = None
+        if relation.link_back is not None:
+            keys = []
+            for part, objs in links:
+                assert part.link_back is not None  # every chunk's comes from one builder
+                keys += part.link_back(objs)
+        self._assign(level, instances, relation, related, keys)
 
     async def _call_django(self, func: Callable[..., T], *args: Any) -> T:
         """Run synchronous Django code that may query, without blocking the event loop.

@@ -130,14 +130,9 @@ async def _execute(cursor: Any, query: CompiledQuery) -> None:
     the connection (the pool opens another) and the server may go on running the query.
     So the query runs in a task of its own, cancelled once, and a cancelled caller
     waits, shielded, until psycopg has finished (bounded by its own 5 s timeouts).
+    Pools, and so this, only run on asyncio (:func:`.pools.get_pool`).
     """
-    statement = cursor.execute(query.sql, query.params)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # not on asyncio (trio): no asyncio task to run it in
-        await statement
-        return
-    task = asyncio.ensure_future(statement)
+    task = asyncio.ensure_future(cursor.execute(query.sql, query.params))
     try:
         await asyncio.shield(task)
     except BaseException:

@@ -146,13 +146,8 @@ def fast_from_db(
         # Django's __init__ does through that descriptor): fill it directly.
         def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
             obj = new_instance(model)
-            state = ModelState()  # new_state(db), inlined: this runs once per row
-            state.adding = False
-            state.db = db
-            if fetch_mode is not None:
-                state.fetch_mode = fetch_mode
             attrs = obj.__dict__
-            attrs["_state"] = state
+            attrs["_state"] = new_state(db)
             attrs.update(zip(field_names, values, strict=True))
             return obj
 

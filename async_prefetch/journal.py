@@ -59,8 +59,13 @@ class Journal:
         attrs = getattr(obj, "__dict__", None)  # a class's is a read-only mappingproxy
         attributes = len(attrs) if type(attrs) is dict else None
         record = [
-            *(obj, prefetched, _items(prefetched), fields_cache, _items(fields_cache)),
-            *(attributes, None),
+            obj,
+            prefetched,
+            _items(prefetched),
+            fields_cache,
+            _items(fields_cache),
+            attributes,
+            None,  # the __dict__ copy, made by touch_attributes()
         ]
         self._records[key] = record
         return record

@@ -46,10 +46,9 @@ class AnyOf(In):
             getattr(field, "get_db_prep_value", None) or self.lhs.output_field.get_db_prep_value
         )
         if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
-            params = list(values)
-        else:
-            params = [prepare(value, connection, prepared=True) for value in values]
-        if not _plain(params):
+            return "(%s)", [list(values)]
+        params = [prepare(value, connection, prepared=True) for value in values]
+        if not _plain(params):  # Django would compile an expression the field returned
             return super().process_rhs(compiler, connection)
         return "(%s)", [params]
 
