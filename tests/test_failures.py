@@ -125,43 +125,28 @@ async def test_async_failure_restores_instances_and_pool() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.django_db(transaction=True)
-async def test_cancellation_restores_instances_and_pool() -> None:
+async def test_cancellation_restores_instances_cancels_the_query_and_keeps_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """By the time a cancelled caller goes on, its instances are as they were, nothing
+    sleeps in the server any more and the connection went back to the pool usable.
+
+    psycopg cancels a query in the server when its task is cancelled and waits for it to
+    end; it closes the connection instead if that clean-up is itself cancelled, as anyio's
+    cancel scopes would do to every await."""
     await sync_to_async(seed_bookstore)()
     books: list[Any] = await sync_to_async(fresh_books)()
     before = state_of(books)
-    with anyio.move_on_after(0.5) as scope:
-        await async_prefetch.aprefetch_related_objects(books, *FAST, SLEEPING)
-    assert scope.cancelled_caught
-    assert state_of(books) == before
-    assert await bridge.run_async(settle_pool) == 0
-    # psycopg cancels the query in the server too: nothing keeps sleeping there.
-    for _ in range(60):
-        if not await sync_to_async(sleepers)():
-            break
-        await anyio.sleep(0.05)
-    assert await sync_to_async(sleepers)() == 0
-    await async_prefetch.aclose()
-
-
-@pytest.mark.anyio
-@pytest.mark.django_db(transaction=True)
-async def test_cancellation_cancels_the_query_and_keeps_the_connection(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """psycopg cancels a query in the server when its task is cancelled, and waits for
-    it to end: by the time the caller goes on, nothing sleeps there any more, and the
-    connection went back to the pool usable (psycopg closes it if that clean-up is
-    itself cancelled, as anyio's cancel scopes would do to every await)."""
-    await sync_to_async(seed_bookstore)()
-    books: list[Any] = await sync_to_async(fresh_books)()
     discarded = await bridge.run_async(discarded_connections)
     with anyio.move_on_after(0.5) as scope:
         await async_prefetch.aprefetch_related_objects(books, *FAST, SLEEPING)
     assert scope.cancelled_caught
+    assert state_of(books) == before
     assert await sync_to_async(sleepers)() == 0
     assert await bridge.run_async(settle_pool) == 0
     assert await bridge.run_async(discarded_connections) == discarded
     assert "closing connection" not in caplog.text
+    await async_prefetch.aclose()
 
 
 @pytest.mark.anyio
