@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import connections
 from django.db.models import Field, ForeignKey, IntegerField, Model, Q, QuerySet
 from django.db.models.expressions import Col, ColPairs
 from django.db.models.fields import AutoFieldMixin, related_descriptors
@@ -225,21 +226,26 @@ def _reverse_one_to_one(
     )
 
 
-def _filter_by_parents(queryset: Any, fk: Any, instances: list[Model]) -> Any:
-    """Django's ``_filter_prefetch_queryset``, filtering on the parents' key values
-    (``fk__target__in``: a plain ``In`` on the foreign key's own column) rather than on
-    the parents (a ``RelatedIn`` that reads each key back out of each instance and
-    prepares it twice: 46 against 19 ms for 20,000 parents), then sent as ``= ANY``.
+def _filter_by_parents(
+    queryset: Any, path: str, targets: Sequence[Any], instances: list[Model]
+) -> Any:
+    """Django's ``_filter_prefetch_queryset(queryset, path, instances)``, filtering on
+    the parents' key values (``path__target__in``: a plain ``In`` on the same column)
+    rather than on the parents (a ``RelatedIn`` that reads each key back out of each
+    instance and prepares it twice: 46 against 19 ms for 20,000 parents), then sent as
+    ``= ANY``. ``targets`` are the parent fields the relation's column refers to.
 
+    As Django's filter, it raises for a parent without a primary key, before any query.
     Sliced querysets (a ``ROW_NUMBER()`` window) and multi-column keys keep Django's
     own filter.
     """
-    targets = fk.foreign_related_fields
     if queryset.query.is_sliced or len(targets) != 1:
-        return _filter_prefetch_queryset(queryset, fk.name, instances)
+        return _filter_prefetch_queryset(queryset, path, instances)
+    if not all(instance._is_pk_set() for instance in instances):  # type: ignore[attr-defined]
+        raise ValueError("Model instances passed to related filters must be saved.")
     target = targets[0]
     values = list(map(operator.attrgetter(target.attname), instances))
-    lookup = f"{fk.name}__{target.name}__in"
+    lookup = f"{path}__{target.name}__in"
     if len(values) > 1 and plain_values(values):
         # Django's filter for the first value only (its joins, lookup and column),
         # then all the values prepared at once: Django's filter resolves and
@@ -275,7 +281,7 @@ def _reverse_many_to_one(
         (fk.get_local_related_value, fk.get_foreign_related_value),
     )
     instances_dict = {instance_attr(inst): inst for inst in instances}
-    queryset = _filter_by_parents(queryset, fk, instances)
+    queryset = _filter_by_parents(queryset, fk.name, fk.foreign_related_fields, instances)
     link_back = _linker(fk, rel_obj_attr, instances_dict, keep_cached=True)
     return RelationQuery(
         queryset,
@@ -291,17 +297,51 @@ def _reverse_many_to_one(
 def _many_to_many(
     manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
 ) -> RelationQuery:
-    """Many-to-many, both directions: Django's builder does not evaluate, so use it,
-    with its ``IN`` list turned into ``= ANY``."""
-    rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor = (
-        manager.get_prefetch_querysets(instances, querysets)
-    )
-    any_instead_of_in(rel_qs.query)
+    """Many-to-many, both directions: ``ManyRelatedManager.get_prefetch_querysets()``
+    (which does not evaluate), with the parents filtered on their key values, as one
+    ``= ANY`` array."""
+    queryset: Any = _only_queryset(querysets)
+    if queryset is None:
+        # The related manager subclasses the default manager: its parent's
+        # get_queryset() is the unfiltered default queryset.
+        queryset = super(type(manager), manager).get_queryset()
+    queryset._add_hints(instance=instances[0])
+    queryset = queryset.using(queryset._db or manager._db)
     fk = manager.through._meta.get_field(manager.source_field_name)
-    rel_obj_attr, instance_attr = _integer_keys(
-        fk, rel_qs, type(instances[0]), (rel_obj_attr, instance_attr)
+    queryset = _filter_by_parents(
+        queryset, manager.query_field_name, fk.foreign_related_fields, instances
     )
-    return RelationQuery(rel_qs, rel_obj_attr, instance_attr, single, cache_name, is_descriptor)
+    # The join table's column naming each row's parent, selected as Django selects it.
+    connection = connections[queryset.db]
+    quote = connection.ops.quote_name
+    join_table = quote(fk.model._meta.db_table)
+    queryset = queryset.extra(
+        select={
+            f"_prefetch_related_val_{f.attname}": f"{join_table}.{quote(f.column)}"
+            for f in fk.local_related_fields
+        }
+    )
+
+    def rel_obj_attr(result: Model) -> Hashable:
+        return tuple(
+            f.get_db_prep_value(getattr(result, f"_prefetch_related_val_{f.attname}"), connection)
+            for f in fk.local_related_fields
+        )
+
+    def instance_attr(instance: Model) -> Hashable:
+        return tuple(
+            f.get_db_prep_value(getattr(instance, f.attname), connection)
+            for f in fk.foreign_related_fields
+        )
+
+    keys = _integer_keys(fk, queryset, type(instances[0]), (rel_obj_attr, instance_attr))
+    return RelationQuery(
+        queryset,
+        *keys,
+        False,
+        manager.prefetch_cache_name,
+        False,  # single, is_descriptor
+    )
 
 
 def _integer_keys(

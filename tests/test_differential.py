@@ -914,6 +914,41 @@ def test_empty_list_accepts_anything(transactional_db: None) -> None:
     assert ctx.captured_queries == []
 
 
+UNSAVED_PARENTS: list[tuple[str, Callable[[], Model]]] = [
+    ("pages", lambda: Book(title="unsaved", isbn="unsaved")),  # reverse FK
+    ("editions", lambda: Book(title="unsaved", isbn="unsaved")),  # reverse FK, to_field
+    ("authors", lambda: Book(title="unsaved", isbn="unsaved")),  # M2M
+    ("tags", lambda: Book(title="unsaved", isbn="unsaved")),  # M2M, custom through
+    ("books", lambda: Tag(name="unsaved")),  # reverse M2M, through to_field
+    ("profile", lambda: Book(title="unsaved", isbn="unsaved")),  # reverse one-to-one
+]
+
+
+@pytest.mark.parametrize(
+    ("lookup", "unsaved"), [pytest.param(*case, id=case[0]) for case in UNSAVED_PARENTS]
+)
+def test_unsaved_parent_raises_djangos_error_before_any_query(
+    bookstore: Bookstore, lookup: str, unsaved: Callable[[], Model]
+) -> None:
+    """Django's filter on the parents rejects one without a primary key (even when the
+    relation's key is another field): so does the engine, before sending anything."""
+
+    def parents() -> list[Model]:
+        first = type(unsaved())._default_manager.order_by("pk").first()
+        assert first is not None
+        return [first, unsaved()]
+
+    django_objs, engine_objs = parents(), parents()
+    with pytest.raises(ValueError, match="must be saved") as django_error:
+        prefetch_related_objects(django_objs, lookup)
+    with CaptureQueriesContext(connection) as ctx, pytest.raises(Exception) as engine_error:  # noqa: PT011
+        async_prefetch.prefetch_related_objects(engine_objs, lookup)
+    assert type(engine_error.value) is ValueError
+    assert str(engine_error.value) == str(django_error.value)
+    assert ctx.captured_queries == []
+    assert all(vars(obj).get("_prefetched_objects_cache", {}) == {} for obj in engine_objs)
+
+
 def test_to_attr_already_set_on_some_instances(bookstore: Bookstore) -> None:
     """A to_attr set by Django on some instances only: is_fetched is per instance."""
     books: list[Model] = fresh(BOOKS)

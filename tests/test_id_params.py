@@ -19,10 +19,11 @@ import pytest
 from django.db.models import F, Model, QuerySet, Value
 from django.db.models.lookups import In
 
-from async_prefetch.builders import _filter_by_parents
+from async_prefetch.builders import _filter_by_parents, build_relation_query
 from async_prefetch.compiler import compile_queryset
 from async_prefetch.lookups import AnyOf, _plain, any_instead_of_in, plain_values
-from tests.testapp.models import Book, Edition, Page, Publisher, Review
+from tests.conftest import Bookstore
+from tests.testapp.models import Author, Book, EBook, Edition, Page, Publisher, Review, Tag
 
 
 class KeyWithAttributes(str):
@@ -59,7 +60,7 @@ UUIDS = [uuid.UUID(int=7), uuid.UUID(int=3)]
     ("model", "relation", "keys"),
     [
         (Page, "book", [3, 1, 3, 2]),  # integer primary key, a duplicate
-        (Page, "book", [3, None, 1]),  # an unsaved parent
+        (Edition, "book", ["isbn-3", None, "isbn-1"]),  # a parent without the key
         (Page, "book", [1, 2.0, "3", True, Decimal("4")]),  # converted as Django converts
         (Page, "book", [5]),  # one parent: Django's filter as it is
         (Review, "book", [2, 1]),  # the default manager filters too
@@ -74,9 +75,60 @@ def test_reverse_foreign_key_array_holds_djangos_values(
     fk: Any = model._meta.get_field(relation)
     target = fk.foreign_related_fields[0]
     parents = [fk.related_model(**{target.attname: key}) for key in keys]
+    for number, parent in enumerate(parents, 1):  # saved, as the filter requires
+        if parent.pk is None:
+            parent.pk = number
     djangos = model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
-    ours = _filter_by_parents(model._default_manager.all(), fk, parents)
+    ours = _filter_by_parents(
+        model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
+    )
     assert_any_matches_in(ours, djangos)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("model", "relation"),
+    [
+        (Book, "authors"),  # forward, auto-created through model
+        (Author, "books"),  # reverse
+        (Book, "tags"),  # custom through model
+        (Tag, "books"),  # reverse, the through model's key is Tag.name (to_field)
+        (EBook, "authors"),  # parents under multi-table inheritance
+    ],
+)
+@pytest.mark.parametrize("querysets", [None, "prefetch"])
+def test_many_to_many_matches_djangos_builder(
+    bookstore: Bookstore, model: type[Model], relation: str, querysets: str | None
+) -> None:
+    """The engine's many-to-many query is ``get_prefetch_querysets()``'s with its ``IN``
+    list as one array; its match keys agree with Django's on every row."""
+    parents = list(model._default_manager.order_by("pk"))
+    parents += parents[:1]  # a duplicate parent
+    manager: Any = getattr(parents[0], relation)
+
+    def inner() -> list[QuerySet[Any]] | None:
+        if querysets is None:
+            return None
+        return [manager.model._default_manager.filter(pk__gt=0).order_by("-pk")]
+
+    djangos, django_rel_key, django_parent_key, *django_rest = manager.get_prefetch_querysets(
+        parents, inner()
+    )
+    ours = build_relation_query(getattr(model, relation), manager, parents, inner())
+    assert ours is not None
+    assert_any_matches_in(ours.queryset, djangos)
+    assert (ours.single, ours.cache_name, ours.is_descriptor) == tuple(django_rest)
+    rows = list(ours.queryset)
+    assert rows  # the comparison below compares something
+
+    def as_tuple(key: Any) -> tuple[Any, ...]:  # ours may be the scalar of a 1-tuple
+        return key if isinstance(key, tuple) else (key,)
+
+    related_keys = [ours.rel_obj_attr(row) for row in rows]
+    parent_keys = [ours.instance_attr(parent) for parent in parents]
+    assert {type(key) is tuple for key in related_keys + parent_keys} in ({True}, {False})
+    assert list(map(as_tuple, related_keys)) == list(map(django_rel_key, rows))
+    assert list(map(as_tuple, parent_keys)) == list(map(django_parent_key, parents))
 
 
 @pytest.mark.parametrize(
