@@ -51,7 +51,20 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
         raise SynchronousOnlyOperation(
             "You cannot call this from an async context - use a thread or sync_to_async."
         )
-    return _get_portal().call(func, *args)
+    box: list[T] = _get_portal().call(_boxed, func, args)
+    return box.pop()
+
+
+async def _boxed(func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> list[T]:
+    """``[await func(*args)]``: the caller takes the result out of the list.
+
+    The portal's frames on the engine thread still hold what this returns for a moment
+    after the caller has it. Prefetched instances reference each other (reverse caches),
+    so a result the engine thread lets go of only after the caller has dropped it (and
+    perhaps run ``gc.collect()``) would wait for the cyclic collector. An emptied list
+    is all they hold.
+    """
+    return [await func(*args)]
 
 
 async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -64,15 +77,15 @@ async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     portal = _get_portal()
     finished: Future[None] = Future()
 
-    async def tracked() -> T:
+    async def tracked() -> list[T]:
         try:
-            return await func(*args)
+            return await _boxed(func, args)
         finally:
             finished.set_result(None)
 
     future = portal.start_task_soon(tracked)
     try:
-        return await asyncio.wrap_future(future)
+        return (await asyncio.wrap_future(future)).pop()
     except asyncio.CancelledError:
         future.cancel()
         unwound = asyncio.wrap_future(finished)
