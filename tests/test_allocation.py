@@ -1,4 +1,5 @@
-"""The engine keeps fewer objects alive than Django for the same prefetch.
+"""The engine keeps fewer objects alive than Django for the same prefetch, and no longer
+than its caller does.
 
 Objects tracked by CPython's cyclic garbage collector are what makes its collections
 expensive: at zero latency a prefetch spends much of its time there, so an engine that
@@ -8,13 +9,18 @@ CPython otherwise avoids) would lose to Django however fast its own code is.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
+import threading
+import weakref
 from typing import Any
 
 import pytest
 from django.db.models import Prefetch, prefetch_related_objects
 
 import async_prefetch
+from async_prefetch import bridge
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, Review
 
@@ -72,3 +78,61 @@ def test_no_more_tracked_objects_than_django() -> None:
     assert engine <= django - 3 * querysets + CONSTANT, (
         f"engine keeps {engine} tracked objects alive, Django {django} ({querysets} querysets)"
     )
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_engine_thread_lets_go_of_the_result_when_it_hands_it_over(
+    api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefetched instances reference each other, so once the caller drops them only the
+    cyclic collector frees them; the engine thread must not still hold them when the
+    caller's ``gc.collect()`` runs. The portal sets its future's result before it leaves
+    the frame that holds it: a done callback runs on the engine thread in between, and
+    this one waits there until the caller has collected (added after the callback that
+    wakes an async caller)."""
+    seed_bookstore()
+    collected = threading.Event()
+
+    def hold(future: concurrent.futures.Future[Any]) -> None:
+        future.add_done_callback(lambda _: collected.wait(10))
+
+    if api == "sync":
+        portal = bridge._get_portal()
+        start_task_soon = portal.start_task_soon
+
+        def start_and_hold(*args: Any) -> Any:
+            future = start_task_soon(*args)
+            hold(future)
+            return future
+
+        monkeypatch.setattr(portal, "start_task_soon", start_and_hold)
+    else:
+        wrap_future = asyncio.wrap_future
+
+        def wrap_and_hold(future: Any, **kwargs: Any) -> Any:
+            wrapped = wrap_future(future, **kwargs)
+            hold(future)
+            return wrapped
+
+        monkeypatch.setattr(asyncio, "wrap_future", wrap_and_hold)
+
+    def prefetched_and_dropped() -> weakref.ref[Book]:
+        if api == "sync":
+            books = async_prefetch.prefetch(Book.objects.order_by("pk"), "pages")
+        else:
+            books = asyncio.run(aprefetch_books())
+        first = weakref.ref(books[0])
+        del books
+        gc.collect()
+        return first
+
+    try:
+        first = prefetched_and_dropped()
+    finally:
+        collected.set()
+    assert first() is None
+
+
+async def aprefetch_books() -> list[Book]:
+    books: list[Book] = await async_prefetch.aprefetch(Book.objects.order_by("pk"), "pages")
+    return books
