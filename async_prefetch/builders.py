@@ -261,18 +261,27 @@ def _filter_by_parents(
     return queryset
 
 
-def _reverse_many_to_one(
+def _manager_queryset(
     manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
-) -> RelationQuery:
-    """Reverse foreign key (``book.pages``), through the related model's default manager."""
-    fk = manager.field
+) -> Any:
+    """The queryset a to-many related manager's ``get_prefetch_querysets()`` starts from:
+    the ``Prefetch`` queryset or the default one, hinted with the first parent and
+    bound to its database."""
     queryset: Any = _only_queryset(querysets)
     if queryset is None:
         # The related manager subclasses the default manager: its parent's
         # get_queryset() is the unfiltered default queryset.
         queryset = super(type(manager), manager).get_queryset()
     queryset._add_hints(instance=instances[0])
-    queryset = queryset.using(queryset._db or manager._db)
+    return queryset.using(queryset._db or manager._db)
+
+
+def _reverse_many_to_one(
+    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> RelationQuery:
+    """Reverse foreign key (``book.pages``), through the related model's default manager."""
+    fk = manager.field
+    queryset = _manager_queryset(manager, instances, querysets)
     rel_obj_attr, instance_attr = _match_keys(
         queryset.model,
         fk.local_related_fields,
@@ -300,13 +309,7 @@ def _many_to_many(
     """Many-to-many, both directions: ``ManyRelatedManager.get_prefetch_querysets()``
     (which does not evaluate), with the parents filtered on their key values, as one
     ``= ANY`` array."""
-    queryset: Any = _only_queryset(querysets)
-    if queryset is None:
-        # The related manager subclasses the default manager: its parent's
-        # get_queryset() is the unfiltered default queryset.
-        queryset = super(type(manager), manager).get_queryset()
-    queryset._add_hints(instance=instances[0])
-    queryset = queryset.using(queryset._db or manager._db)
+    queryset = _manager_queryset(manager, instances, querysets)
     fk = manager.through._meta.get_field(manager.source_field_name)
     queryset = _filter_by_parents(
         queryset, manager.query_field_name, fk.foreign_related_fields, instances
@@ -322,25 +325,29 @@ def _many_to_many(
         }
     )
 
-    def rel_obj_attr(result: Model) -> Hashable:
+    # Django's match keys: each side's values through get_db_prep_value.
+    def related_key(result: Model) -> Hashable:
         return tuple(
             f.get_db_prep_value(getattr(result, f"_prefetch_related_val_{f.attname}"), connection)
             for f in fk.local_related_fields
         )
 
-    def instance_attr(instance: Model) -> Hashable:
+    def parent_key(instance: Model) -> Hashable:
         return tuple(
             f.get_db_prep_value(getattr(instance, f.attname), connection)
             for f in fk.foreign_related_fields
         )
 
-    keys = _integer_keys(fk, queryset, type(instances[0]), (rel_obj_attr, instance_attr))
+    rel_obj_attr, instance_attr = _integer_keys(
+        fk, queryset, type(instances[0]), (related_key, parent_key)
+    )
     return RelationQuery(
         queryset,
-        *keys,
-        False,
-        manager.prefetch_cache_name,
-        False,  # single, is_descriptor
+        rel_obj_attr,
+        instance_attr,
+        single=False,
+        cache_name=manager.prefetch_cache_name,
+        is_descriptor=False,
     )
 
 

@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import subprocess
 import sys
 from pathlib import Path
 
-from async_prefetch.bench.runner import SIDES
+from async_prefetch.bench.runner import PROFILER_PER_THREAD, SIDES
 from async_prefetch.bench.workloads import NAMES
 from async_prefetch.embedded import ENV_SOURCE, get_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m async_prefetch bench --quick *args`` on this session's server; must exit 0."""
     env = dict(os.environ)
     env["DATABASE_URL"] = get_server().url()
     env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
     env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the bench configures its own
     done = subprocess.run(
-        [sys.executable, "-m", "async_prefetch", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "async_prefetch", "bench", "--quick", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -36,6 +37,12 @@ def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done
+
+
+def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = run_bench("--out", str(out))
 
     report = json.loads((out / "results.json").read_text())
     assert report["ok"] is True
@@ -70,3 +77,19 @@ def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
     assert "FAILURES" not in markdown
     assert (out / "speedup.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "| fanout-100 | 0 |" in done.stdout  # the table is printed too
+
+
+def test_profile_covers_the_engine_on_this_python(tmp_path: Path) -> None:
+    """``--profile`` works on every supported Python (from 3.12, cProfile allows one
+    profiler per process) and its saved stats include the engine's own functions."""
+    out = tmp_path / "profile"
+    done = run_bench("--profile", "fanout-100", "--runs", "2", "--out", str(out))
+    labels = ["engine", "caller"] if PROFILER_PER_THREAD else ["all"]
+    paths = [out / f"profile-fanout-100-{label}.prof" for label in labels]
+    assert all(path.exists() for path in paths), sorted(p.name for p in out.iterdir())
+    functions = pstats.Stats(str(paths[0])).stats  # type: ignore[attr-defined]
+    assert any(
+        filename.endswith("async_prefetch/engine.py") and name == "run_prefetch"
+        for filename, _, name in functions
+    )
+    assert "engine runs on" in done.stdout

@@ -542,18 +542,28 @@ async def _disable(profiler: cProfile.Profile) -> None:
     profiler.disable()
 
 
+#: Before 3.12 a cProfile profiler sees the thread that enabled it; from 3.12 it uses
+#: ``sys.monitoring``: one profiler at a time per process, seeing every thread.
+PROFILER_PER_THREAD: Final = sys.version_info < (3, 12)
+
+
 def profile_engine(workload: Any, alias: str, runs: int, out: Path, top: int = 25) -> None:
-    """Profile ``runs`` engine runs of ``workload`` (after 3 warm-up runs) with cProfile on the
-    engine's loop thread, where the engine works, and on the caller's thread (worker threads
-    are not covered). Prints the engine thread's ``top`` entries by cumulative time, then the
-    caller's first 10, and saves both to ``out/profile-<workload>-{engine,caller}.prof``."""
+    """Profile ``runs`` engine runs of ``workload`` (after 3 warm-up runs) with cProfile.
+
+    Before Python 3.12: one profiler on the engine's loop thread, where the engine works,
+    and one on the caller's thread (worker threads are not covered); prints the engine
+    thread's ``top`` entries by cumulative time, then the caller's first 10, and saves
+    ``out/profile-<workload>-{engine,caller}.prof``. From 3.12: one profiler for every
+    thread, its ``top`` entries, saved as ``out/profile-<workload>-all.prof``.
+    """
     from async_prefetch import bridge
 
     engine_profiler, caller_profiler = cProfile.Profile(), cProfile.Profile()
     with asyncio.Runner() as runner:
         for _ in range(3):
             runner.run(_engine(workload.root(alias), workload.lookups()))
-        bridge.run_sync(_enable, engine_profiler)
+        if PROFILER_PER_THREAD:
+            bridge.run_sync(_enable, engine_profiler)
         caller_profiler.enable()
         started = time.perf_counter()
         try:
@@ -561,21 +571,25 @@ def profile_engine(workload: Any, alias: str, runs: int, out: Path, top: int = 2
                 runner.run(_engine(workload.root(alias), workload.lookups()))
         finally:
             caller_profiler.disable()
-            bridge.run_sync(_disable, engine_profiler)
+            if PROFILER_PER_THREAD:
+                bridge.run_sync(_disable, engine_profiler)
         seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"{workload.name}: {runs} engine runs on {alias} in {seconds * 1000:.0f} ms "
         f"({seconds * 1000 / runs:.2f} ms each, with cProfile's overhead)"
     )
-    for label, profiler, limit in (
-        ("engine", engine_profiler, top),
-        ("caller", caller_profiler, 10),
-    ):
+    reports = (
+        [("engine", engine_profiler, top), ("caller", caller_profiler, 10)]
+        if PROFILER_PER_THREAD
+        else [("all", caller_profiler, top)]
+    )
+    for label, profiler, limit in reports:
         path = out / f"profile-{workload.name}-{label}.prof"
         stats = pstats.Stats(profiler, stream=sys.stdout)
         stats.dump_stats(path)
-        print(f"\n== {label} thread, top {limit} by cumulative time (all stats: {path})")
+        title = f"{label} thread" if PROFILER_PER_THREAD else "all threads"
+        print(f"\n== {title}, top {limit} by cumulative time (all stats: {path})")
         stats.sort_stats("cumulative").print_stats(limit)
 
 
