@@ -25,7 +25,15 @@ from django.utils.datastructures import OrderedSet
 
 
 class AnyOf(In):
-    """``field = ANY(%s)`` with the distinct non-null values as one list parameter."""
+    """``field = ANY(%s)`` with the distinct non-null values as one list parameter.
+
+    PostgreSQL plans Django's ``IN`` list as ``= ANY`` of an array of the column's type
+    (``IN (1, 2)`` on an integer column is ``= ANY('{1,2}'::integer[])``), and a list of one
+    value as ``= value``. So the statement is planned as Django's is, with the rows of an
+    unordered queryset in the same order: one value keeps Django's ``IN``, and an array of
+    integers, which psycopg types by magnitude (``int2[]`` for small ones), is cast to the
+    column's integer type when every value fits it.
+    """
 
     def process_rhs(self, compiler: Any, connection: Any) -> tuple[str, Any]:
         if connection.vendor != "postgresql" or not self.rhs_is_direct_value():
@@ -37,25 +45,53 @@ class AnyOf(In):
         values.discard(None)
         if not values:
             raise EmptyResultSet
-        if self.bilateral_transforms or not _plain(values):
+        if len(values) == 1 or self.bilateral_transforms or not _plain(values):
             return super().process_rhs(compiler, connection)
         # FieldGetDbPrepValueMixin.get_db_prep_lookup(), without the per-value
         # expression plumbing of batch_process_rhs() (none of the values is one).
-        field = getattr(self.lhs.output_field, "target_field", None)
-        prepare = (
-            getattr(field, "get_db_prep_value", None) or self.lhs.output_field.get_db_prep_value
-        )
+        output_field = self.lhs.output_field
+        field = getattr(output_field, "target_field", None)
+        prepare = getattr(field, "get_db_prep_value", None) or output_field.get_db_prep_value
         if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
-            return "(%s)", [list(values)]
-        params = [prepare(value, connection, prepared=True) for value in values]
-        if not _plain(params):  # Django would compile an expression the field returned
-            return super().process_rhs(compiler, connection)
-        return "(%s)", [params]
+            params = list(values)
+        else:
+            params = [prepare(value, connection, prepared=True) for value in values]
+            if not _plain(params):  # Django would compile an expression the field returned
+                return super().process_rhs(compiler, connection)
+        return _ArraySQL(f"(%s{_integer_array_cast(output_field, params, connection)})"), [params]
 
     def get_rhs_op(self, connection: Any, rhs: str) -> str:
-        if connection.vendor == "postgresql" and rhs == "(%s)":
+        if isinstance(rhs, _ArraySQL):
             return f"= ANY{rhs}"
         return super().get_rhs_op(connection, rhs)
+
+
+class _ArraySQL(str):
+    """``AnyOf.process_rhs()``'s SQL for the one array parameter (``get_rhs_op()`` makes it
+    ``= ANY``), told apart from Django's ``IN`` list of one value, also ``(%s)``."""
+
+    __slots__ = ()
+
+
+# PostgreSQL's integer column types and the values each holds.
+_INTEGER_RANGES = {
+    "smallint": (-(2**15), 2**15 - 1),
+    "integer": (-(2**31), 2**31 - 1),
+    "bigint": (-(2**63), 2**63 - 1),
+}
+
+
+def _integer_array_cast(field: Any, params: list[Any], connection: Any) -> str:
+    """``::integer[]`` (the column's integer type) for an array of ``int`` that fits it, as
+    PostgreSQL types Django's ``IN`` list; otherwise nothing."""
+    db_type = field.db_type(connection)
+    bounds = _INTEGER_RANGES.get(db_type)
+    if bounds is None or not all(type(param) is int for param in params):
+        return ""
+    low, high = bounds
+    if not low <= min(params) <= max(params) <= high:
+        return ""  # Django's IN compares such a key without error (and matches nothing)
+    return f"::{db_type}[]"
 
 
 def _plain(values: Iterable[Any], *, sequences: bool = True) -> bool:

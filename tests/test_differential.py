@@ -138,6 +138,20 @@ CASES: list[Case] = [
     Case("m2m-through-to-field-tags", BOOKS, ("tags",), run_async=True),
     Case("m2m-tag-books", Tag.objects.order_by("pk"), ("books",)),
     Case("rfk-taggings-tag", BOOKS, ("taggings__tag",)),
+    # Unordered querysets: rows in the order PostgreSQL's plan gives, so the array must be
+    # planned as Django's IN list is (one value, an integer array).
+    Case(
+        "m2m-unordered-one-parent",
+        EBOOKS,
+        (Prefetch("tags", queryset=Tag.objects.filter(books__pk__gt=0)),),
+    ),
+    Case(
+        "m2m-unordered",
+        BOOKS,
+        (Prefetch("tags", queryset=Tag.objects.filter(books__pk__gt=0)),),
+        run_async=True,
+    ),
+    Case("rfk-unordered", BOOKS, (Prefetch("pages", queryset=Page.objects.order_by()),)),
     # nested, depth 3+
     Case("nested-authors-location-country", BOOKS, ("authors__location__country",), True),
     Case("nested-authors-books-pages", BOOKS, ("authors__books__pages",), run_async=True),

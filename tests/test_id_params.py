@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import F, Model, QuerySet, Value
 from django.db.models.lookups import In
 
@@ -35,14 +36,22 @@ def typed(params: Any) -> list[tuple[type[Any], Any]]:
 
 
 def assert_any_matches_in(ours: QuerySet[Any], djangos: QuerySet[Any]) -> None:
-    """``ours`` compiles as ``djangos`` with its last ``IN (...)`` list as one array."""
+    """``ours`` compiles as ``djangos`` with its last ``IN (...)`` list as one array (cast to
+    an integer type or not: :func:`test_plans_match_djangos` checks which), or exactly as
+    ``djangos`` when that list has one value."""
     engine, django = compile_queryset(ours), compile_queryset(djangos)
     assert engine.sql is not None
     assert django.sql is not None
     in_list = re.search(r" IN \((%s(, )?)+\)", django.sql)
     assert in_list is not None, django.sql
-    assert engine.sql == django.sql.replace(in_list.group(0), " = ANY(%s)")
     listed = in_list.group(0).count("%s")
+    if listed == 1:
+        assert engine.sql == django.sql
+        assert typed(engine.params) == typed(django.params)
+        return
+    array = re.search(r" = ANY\(%s(::(smallint|integer|bigint)\[\])?\)", engine.sql)
+    assert array is not None, engine.sql
+    assert engine.sql == django.sql.replace(in_list.group(0), array.group(0))
     before = django.sql[: in_list.start()].count("%s")
     assert typed(engine.params[:before]) == typed(django.params[:before])
     assert typed(engine.params[before]) == typed(django.params[before : before + listed])
@@ -118,6 +127,9 @@ def test_many_to_many_matches_djangos_builder(
     assert ours is not None
     assert_any_matches_in(ours.queryset, djangos)
     assert (ours.single, ours.cache_name, ours.is_descriptor) == tuple(django_rest)
+    ours_state, django_state = vars(ours.queryset), vars(djangos)
+    assert ours_state["_hints"] == django_state["_hints"]  # routing: the first parent
+    assert ours_state["_db"] == django_state["_db"]
     rows = list(ours.queryset)
     assert rows  # the comparison below compares something
 
@@ -174,3 +186,40 @@ def test_plain_is_decided_per_type() -> None:
     assert _plain([(1, 2)])
     assert not plain_values([(1, 2)])
     assert not plain_values([[1]])
+
+
+def plan(queryset: QuerySet[Any]) -> list[str]:
+    """PostgreSQL's plan for ``queryset``'s statement as the engine compiles it."""
+    compiled = compile_queryset(queryset)
+    assert compiled.sql is not None
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (VERBOSE, COSTS OFF) {compiled.sql}", compiled.params)
+        return [line for (line,) in cursor.fetchall()]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("model", "relation", "keys"),
+    [
+        (Page, "book", [3, 1, 2]),  # small integers: psycopg sends them as int2[]
+        (Page, "book", [1, 40_000]),  # int4[]
+        (Page, "book", [1, 2**40]),  # a key no integer column holds: not cast
+        (Page, "book", [7]),  # one key: Django's IN, planned as "= 7"
+        (Edition, "book", ["isbn-2", "isbn-1"]),  # varchar
+        (Book, "publisher", UUIDS),
+    ],
+)
+def test_plans_match_djangos(model: type[Model], relation: str, keys: list[Any]) -> None:
+    """The array is planned as Django's ``IN`` list is: the same plan, constants included,
+    so an unordered queryset's rows come back in the same order."""
+    fk: Any = model._meta.get_field(relation)
+    target = fk.foreign_related_fields[0]
+    parents = [fk.related_model(**{target.attname: key}) for key in keys]
+    for number, parent in enumerate(parents, 1):
+        if parent.pk is None:
+            parent.pk = number
+    djangos = model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
+    ours = _filter_by_parents(
+        model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
+    )
+    assert plan(ours) == plan(djangos)
