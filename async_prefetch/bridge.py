@@ -73,6 +73,8 @@ async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     Cancelling the caller cancels the engine task and waits until it has unwound,
     through any further cancellation (``task.cancel()`` again, a timeout firing inside
     a task group), so the caller never sees instances the engine is still restoring.
+    A cancellation that reaches the caller after the engine task has finished (before
+    the caller resumed) leaves its work complete, and the result is dropped.
     """
     portal = _get_portal()
     finished: Future[None] = Future()
@@ -93,6 +95,8 @@ async def run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
             # An anyio shield does not hold against a native task.cancel(); this does.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(unwound)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().clear()  # finished first: the raised error must not hold it
         raise
 
 

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import gc
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -136,3 +137,42 @@ def test_engine_thread_lets_go_of_the_result_when_it_hands_it_over(
 async def aprefetch_books() -> list[Book]:
     books: list[Book] = await async_prefetch.aprefetch(Book.objects.order_by("pk"), "pages")
     return books
+
+
+class _Cyclic:
+    """Refers to itself, as prefetched instances do through their reverse caches."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def test_result_is_dropped_when_the_caller_is_cancelled_after_the_engine_finished() -> None:
+    """The engine task finishes, then the caller is cancelled before it resumes: the
+    ``CancelledError`` it gets (and its traceback's frames) must not keep the result."""
+    finished = threading.Event()
+    result: weakref.ref[_Cyclic] | None = None
+
+    async def work() -> _Cyclic:
+        nonlocal result
+        obj = _Cyclic()
+        result = weakref.ref(obj)
+        finished.set()
+        return obj
+
+    async def cancelled_late() -> BaseException:
+        task = asyncio.ensure_future(bridge.run_async(work))
+        await asyncio.sleep(0)  # the task now waits for the engine thread
+        assert finished.wait(5)  # this loop is blocked: the task cannot resume
+        time.sleep(0.05)  # noqa: ASYNC251 (blocks the loop on purpose: the engine thread hands the result over meanwhile)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError as error:
+            return error
+        raise AssertionError("the caller was not cancelled")
+
+    error = asyncio.run(cancelled_late())
+    gc.collect()
+    assert result is not None
+    assert result() is None, "the raised CancelledError still holds the result"
+    del error

@@ -554,15 +554,18 @@ def profile_engine(workload: Any, alias: str, runs: int, out: Path, top: int = 2
     and one on the caller's thread (worker threads are not covered); prints the engine
     thread's ``top`` entries by cumulative time, then the caller's first 10, and saves
     ``out/profile-<workload>-{engine,caller}.prof``. From 3.12: one profiler for every
-    thread, its ``top`` entries, saved as ``out/profile-<workload>-all.prof``.
+    thread, its ``top`` entries, saved as ``out/profile-<workload>-all.prof``; its
+    ``tottime`` is right, but it keeps one call stack for all threads, so cumulative
+    times and callers mix the engine's and the caller's calls.
     """
     from async_prefetch import bridge
 
-    engine_profiler, caller_profiler = cProfile.Profile(), cProfile.Profile()
+    engine_profiler = cProfile.Profile() if PROFILER_PER_THREAD else None
+    caller_profiler = cProfile.Profile()
     with asyncio.Runner() as runner:
         for _ in range(3):
             runner.run(_engine(workload.root(alias), workload.lookups()))
-        if PROFILER_PER_THREAD:
+        if engine_profiler is not None:
             bridge.run_sync(_enable, engine_profiler)
         caller_profiler.enable()
         started = time.perf_counter()
@@ -571,7 +574,7 @@ def profile_engine(workload: Any, alias: str, runs: int, out: Path, top: int = 2
                 runner.run(_engine(workload.root(alias), workload.lookups()))
         finally:
             caller_profiler.disable()
-            if PROFILER_PER_THREAD:
+            if engine_profiler is not None:
                 bridge.run_sync(_disable, engine_profiler)
         seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
@@ -581,14 +584,14 @@ def profile_engine(workload: Any, alias: str, runs: int, out: Path, top: int = 2
     )
     reports = (
         [("engine", engine_profiler, top), ("caller", caller_profiler, 10)]
-        if PROFILER_PER_THREAD
+        if engine_profiler is not None
         else [("all", caller_profiler, top)]
     )
     for label, profiler, limit in reports:
         path = out / f"profile-{workload.name}-{label}.prof"
         stats = pstats.Stats(profiler, stream=sys.stdout)
         stats.dump_stats(path)
-        title = f"{label} thread" if PROFILER_PER_THREAD else "all threads"
+        title = f"{label} thread" if engine_profiler is not None else "all threads"
         print(f"\n== {title}, top {limit} by cumulative time (all stats: {path})")
         stats.sort_stats("cumulative").print_stats(limit)
 
