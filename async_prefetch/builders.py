@@ -296,10 +296,10 @@ def _reverse_many_to_one(
         queryset,
         rel_obj_attr,
         instance_attr,
-        False,
-        fk.remote_field.cache_name,
-        False,
-        link_back,
+        single=False,
+        cache_name=fk.remote_field.cache_name,
+        is_descriptor=False,
+        link_back=link_back,
     )
 
 

@@ -58,6 +58,23 @@ def assert_any_matches_in(ours: QuerySet[Any], djangos: QuerySet[Any]) -> None:
     assert typed(engine.params[before + 1 :]) == typed(django.params[before + listed :])
 
 
+def filtered_by_keys(
+    model: type[Model], relation: str, keys: list[Any]
+) -> tuple[QuerySet[Any], QuerySet[Any]]:
+    """``model`` filtered on its foreign key ``relation`` by parents holding ``keys``:
+    the reverse foreign key builder's filter, and Django's ``__in`` on the same keys."""
+    fk: Any = model._meta.get_field(relation)
+    target = fk.foreign_related_fields[0]
+    parents = [fk.related_model(**{target.attname: key}) for key in keys]
+    for number, parent in enumerate(parents, 1):  # saved, as the filter requires
+        if parent.pk is None:
+            parent.pk = number
+    ours = _filter_by_parents(
+        model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
+    )
+    return ours, model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
+
+
 def last_condition(query: Any) -> Any:
     return query.where.children[-1]
 
@@ -81,17 +98,7 @@ UUIDS = [uuid.UUID(int=7), uuid.UUID(int=3)]
 def test_reverse_foreign_key_array_holds_djangos_values(
     model: type[Model], relation: str, keys: list[Any]
 ) -> None:
-    fk: Any = model._meta.get_field(relation)
-    target = fk.foreign_related_fields[0]
-    parents = [fk.related_model(**{target.attname: key}) for key in keys]
-    for number, parent in enumerate(parents, 1):  # saved, as the filter requires
-        if parent.pk is None:
-            parent.pk = number
-    djangos = model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
-    ours = _filter_by_parents(
-        model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
-    )
-    assert_any_matches_in(ours, djangos)
+    assert_any_matches_in(*filtered_by_keys(model, relation, keys))
 
 
 @pytest.mark.django_db(transaction=True)
@@ -212,14 +219,5 @@ def plan(queryset: QuerySet[Any]) -> list[str]:
 def test_plans_match_djangos(model: type[Model], relation: str, keys: list[Any]) -> None:
     """The array is planned as Django's ``IN`` list is: the same plan, constants included,
     so an unordered queryset's rows come back in the same order."""
-    fk: Any = model._meta.get_field(relation)
-    target = fk.foreign_related_fields[0]
-    parents = [fk.related_model(**{target.attname: key}) for key in keys]
-    for number, parent in enumerate(parents, 1):
-        if parent.pk is None:
-            parent.pk = number
-    djangos = model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})
-    ours = _filter_by_parents(
-        model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
-    )
+    ours, djangos = filtered_by_keys(model, relation, keys)
     assert plan(ours) == plan(djangos)
