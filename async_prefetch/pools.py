@@ -83,6 +83,11 @@ async def get_pool(alias: str) -> AsyncConnectionPool:
     return pool
 
 
+async def acquire(pool: AsyncConnectionPool) -> AsyncConnection[Any]:
+    """A connection from ``pool`` for one query (return it with ``pool.putconn()``)."""
+    return await pool.getconn()
+
+
 async def close_pools() -> None:
     """Close every pool opened on the running event loop; later use opens new ones."""
     by_alias = _pools.pop(asyncio.get_running_loop(), {})
