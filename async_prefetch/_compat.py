@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 import django
@@ -50,16 +53,75 @@ def tracks_peers(fetch_mode: Any) -> bool:
     return bool(getattr(fetch_mode, "track_peers", False))
 
 
+#: Django's related manager factories, by module: each makes a class
+#: ``<name>(superclass, AltersData)`` whose methods are compiled once, in the factory.
+_RELATED_MANAGER_FACTORIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "django.db.models.fields.related_descriptors": (
+        ("create_reverse_many_to_one_manager", "RelatedManager"),
+        ("create_forward_many_to_many_manager", "ManyRelatedManager"),
+    ),
+    "django.contrib.contenttypes.fields": (
+        ("create_generic_related_manager", "GenericRelatedObjectManager"),
+    ),
+}
+
+
+def _nested_code(code: CodeType, name: str) -> CodeType | None:
+    """The only code object named ``name`` defined directly in ``code``, if exactly one."""
+    found = [c for c in code.co_consts if isinstance(c, CodeType) and c.co_name == name]
+    return found[0] if len(found) == 1 else None
+
+
+@functools.cache
+def _factory_methods(module_name: str) -> frozenset[tuple[CodeType, CodeType]]:
+    """``(get_queryset, _apply_rel_filters)`` code pairs of the classes the related
+    manager factories of ``module_name`` make; empty for any other module.
+
+    Only called with the module of an existing class, so the module is loaded: this
+    never imports ``django.contrib.contenttypes`` (whose models need the app).
+    """
+    module = sys.modules.get(module_name)
+    pairs = set()
+    for factory_name, class_name in _RELATED_MANAGER_FACTORIES.get(module_name, ()):
+        factory = getattr(module, factory_name, None)
+        body = _nested_code(factory.__code__, class_name) if inspect.isfunction(factory) else None
+        if body is None:
+            continue
+        get_queryset = _nested_code(body, "get_queryset")
+        apply_rel_filters = _nested_code(body, "_apply_rel_filters")
+        if get_queryset is not None and apply_rel_filters is not None:
+            pairs.add((get_queryset, apply_rel_filters))
+    return frozenset(pairs)
+
+
+def is_djangos_related_manager(manager: object) -> bool:
+    """True when ``manager``'s class is one Django's related manager factories made
+    (reverse foreign key, many-to-many, generic relation), not a subclass or a
+    third-party manager: its ``get_queryset()`` is the default manager's queryset
+    (``super(type(manager), manager).get_queryset()``) passed to its own
+    ``_apply_rel_filters()``.
+    """
+    cls = type(manager)
+    namespace = vars(cls)
+    try:
+        code = (namespace["get_queryset"].__code__, namespace["_apply_rel_filters"].__code__)
+    except (KeyError, AttributeError):
+        return False
+    return code in _factory_methods(cls.__module__)
+
+
 def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     """``manager.get_queryset()`` for a related manager whose instance is not prefetched yet.
 
     Django 6.1 applies the relation's filters to a fresh queryset in place; before 6.1
     each filter cloned the query (the bulk of prefetch time for many small relations).
-    Here the fresh queryset is filtered in place on every version, with ``_chain()``
-    behaving as 6.1's does while cloning is disabled: the filter stays deferred, as
-    Django defers it, until someone uses the queryset's query.
+    Here the fresh queryset of one of Django's own related managers is filtered in
+    place on every version, with ``_chain()`` behaving as 6.1's does while cloning is
+    disabled: the filter stays deferred, as Django defers it, until someone uses the
+    queryset's query. Any other manager (a subclass, django-taggit's, modelcluster's)
+    builds its queryset itself: ``manager.get_queryset()``.
     """
-    if RELATED_FILTERS_IN_PLACE:
+    if RELATED_FILTERS_IN_PLACE or not is_djangos_related_manager(manager):
         return manager.get_queryset()  # type: ignore[no-any-return]
     queryset: Any = super(type(manager), manager).get_queryset()
 

@@ -11,8 +11,17 @@ class AsyncPrefetchConfig(AppConfig):
     verbose_name = "async_prefetch"
 
     def ready(self) -> None:
-        from .config import load_config
-        from .patching import install
+        """Register the system checks; ``install()`` when the setting asks for it.
 
-        if load_config().install:
+        A bad ``ASYNC_PREFETCH`` raises nothing here: the checks report it (``manage.py
+        check``, ``runserver``, ``migrate``) and the engine is not installed.
+        """
+        from . import checks
+        from .config import read_config
+
+        checks.register()
+        config, _ = read_config()
+        if config is not None and config.install:
+            from .patching import install
+
             install()

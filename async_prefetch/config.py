@@ -1,7 +1,14 @@
-"""The ``ASYNC_PREFETCH`` setting, read once per use with defaults filled in."""
+"""The ``ASYNC_PREFETCH`` setting, read once per use with defaults filled in.
+
+:func:`read_config` validates the setting and returns every problem found; the system
+check (:mod:`.checks`) reports them when ``"async_prefetch"`` is installed, and
+:func:`load_config` raises them as ``ImproperlyConfigured`` when the engine is used.
+"""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,9 @@ class PoolConfig:
     check: bool = False  # a round trip per checkout: off by default
 
 
+_DEFAULT_CHUNK_SIZE = 5000
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine reads from settings."""
@@ -28,58 +38,189 @@ class EngineConfig:
     pool: PoolConfig
     max_concurrency: int
     install: bool
-    chunk_size: int | None = 5000  # parent keys per query; None: one query per level
+    chunk_size: int | None = _DEFAULT_CHUNK_SIZE  # parent keys per query; None: one per level
 
 
-_POOL_KEYS = {"MIN_SIZE", "MAX_SIZE", "TIMEOUT", "MAX_IDLE", "MAX_LIFETIME", "CHECK"}
-_TOP_KEYS = {"POOL", "MAX_CONCURRENCY", "INSTALL", "CHUNK_SIZE"}
+#: Check ids of the problems :func:`read_config` finds.
+NOT_A_DICT = "async_prefetch.E001"
+UNKNOWN_KEYS = "async_prefetch.E002"
+REPEATED_KEY = "async_prefetch.E003"
+WRONG_TYPE = "async_prefetch.E004"
+OUT_OF_RANGE = "async_prefetch.E005"
 
 
-def _upper_keys(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ImproperlyConfigured(f"{where} must be a dict, not {type(value).__name__}.")
-    normalised = {str(key).upper(): item for key, item in value.items()}
-    unknown = set(normalised) - allowed
-    if unknown:
-        raise ImproperlyConfigured(
-            f"{where} has unknown keys {sorted(unknown)}; expected some of {sorted(allowed)}."
-        )
-    return normalised
+@dataclass(frozen=True)
+class ConfigError:
+    """One thing wrong with ``settings.ASYNC_PREFETCH``, as the system check reports it."""
+
+    id: str
+    msg: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        """The form of ``manage.py check``'s output (without the object it names)."""
+        hint = f"\n\tHINT: {self.hint}" if self.hint else ""
+        return f"({self.id}) {self.msg}{hint}"
 
 
-def load_config() -> EngineConfig:
-    """Read ``settings.ASYNC_PREFETCH``; raise ``ImproperlyConfigured`` on bad values.
+_POOL_KEYS = frozenset({"MIN_SIZE", "MAX_SIZE", "TIMEOUT", "MAX_IDLE", "MAX_LIFETIME", "CHECK"})
+_TOP_KEYS = frozenset({"POOL", "MAX_CONCURRENCY", "INSTALL", "CHUNK_SIZE"})
+
+
+class _Reader:
+    """Reads a setting's values, recording a :class:`ConfigError` for each bad one.
+
+    A bad value reads as its default, so that reading goes on and finds every problem;
+    a config read with errors is never used.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def error(self, id: str, msg: str, hint: str | None = None) -> None:
+        self.errors.append(ConfigError(id, msg, hint))
+
+    def section(self, value: object, where: str, allowed: frozenset[str]) -> dict[str, Any]:
+        """``value``'s items under upper-cased keys; ``{}`` when it is not a dict."""
+        if not isinstance(value, Mapping):
+            self.error(NOT_A_DICT, f"{where} must be a dict, not {type(value).__name__}.")
+            return {}
+        spellings: dict[str, list[Any]] = {}
+        for key in value:
+            spellings.setdefault(str(key).upper(), []).append(key)
+        unknown = [key for name, keys in spellings.items() if name not in allowed for key in keys]
+        if unknown:
+            hint = _unknown_keys_hint(unknown, allowed)
+            self.error(UNKNOWN_KEYS, f"{where} has unknown keys {unknown}.", hint)
+        for name, keys in spellings.items():
+            if len(keys) > 1 and name in allowed:
+                self.error(
+                    REPEATED_KEY,
+                    f"{where} sets {name!r} more than once: {keys}.",
+                    "Keys are case-insensitive: keep one of them.",
+                )
+        return {str(key).upper(): item for key, item in value.items()}
+
+    def integer(
+        self,
+        section: dict[str, Any],
+        key: str,
+        where: str,
+        default: int,
+        minimum: int,
+        *,
+        or_none: bool = False,
+    ) -> int:
+        """An ``int`` (not a ``bool``) of at least ``minimum``; ``or_none``: the caller
+        also accepts ``None`` (and has handled it), the messages say so."""
+        value = section.get(key, default)
+        name = f"{where}[{key!r}]"
+        alternative = " or None" if or_none else ""
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(
+                WRONG_TYPE, f"{name} must be an integer{alternative}, not {_described(value)}."
+            )
+            return default
+        if value < minimum:
+            self.error(
+                OUT_OF_RANGE, f"{name} must be at least {minimum}{alternative}, not {value}."
+            )
+            return default
+        return value
+
+    def seconds(self, section: dict[str, Any], key: str, where: str, default: float) -> float:
+        """A number (not a ``bool``) of seconds above 0, as a ``float``."""
+        value = section.get(key, default)
+        name = f"{where}[{key!r}]"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(WRONG_TYPE, f"{name} must be a number of seconds, not {_described(value)}.")
+            return default
+        if not value > 0:  # NaN too
+            self.error(OUT_OF_RANGE, f"{name} must be more than 0 seconds, not {value}.")
+            return default
+        return float(value)
+
+    def boolean(self, section: dict[str, Any], key: str, where: str, default: bool) -> bool:
+        """``True`` or ``False``, nothing merely truthy."""
+        value = section.get(key, default)
+        if not isinstance(value, bool):
+            self.error(
+                WRONG_TYPE, f"{where}[{key!r}] must be True or False, not {_described(value)}."
+            )
+            return default
+        return value
+
+
+def _described(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _unknown_keys_hint(unknown: list[Any], allowed: frozenset[str]) -> str:
+    """'Did you mean ...?' for each unknown key close to an allowed one, then the keys."""
+    choices = sorted(allowed)
+    suggestions = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key).upper(), choices, n=1)
+        if close:
+            instead = f" instead of {key!r}" if len(unknown) > 1 else ""
+            suggestions.append(f"Did you mean {close[0]!r}{instead}?")
+    known = f"Known keys: {', '.join(map(repr, choices))}."
+    return " ".join([*suggestions, known])
+
+
+def read_config() -> tuple[EngineConfig | None, list[ConfigError]]:
+    """``settings.ASYNC_PREFETCH`` as an :class:`EngineConfig` with defaults filled in,
+    and every problem found in it; the config is ``None`` when there is a problem.
 
     Keys are case-insensitive: ``{"POOL": {"min_size": 2, "max_size": 10, "timeout": 30,
     "max_idle": 300, "max_lifetime": 3600, "check": False}, "MAX_CONCURRENCY": 10,
-    "INSTALL": False, "CHUNK_SIZE": 5000}``.
+    "INSTALL": False, "CHUNK_SIZE": 5000}``. Sizes and ``MAX_CONCURRENCY`` are
+    integers, times positive numbers of seconds, ``CHECK`` and ``INSTALL`` booleans,
+    ``CHUNK_SIZE`` a positive integer or ``None``; ``MAX_CONCURRENCY`` defaults to
+    ``MAX_SIZE``.
     """
-    raw = _upper_keys(getattr(settings, "ASYNC_PREFETCH", {}), "ASYNC_PREFETCH", _TOP_KEYS)
-    pool_raw = _upper_keys(raw.get("POOL", {}), "ASYNC_PREFETCH['POOL']", _POOL_KEYS)
+    read = _Reader()
+    top = "ASYNC_PREFETCH"
+    raw = read.section(getattr(settings, top, {}), top, _TOP_KEYS)
+    where = f"{top}['POOL']"
+    pool_raw = read.section(raw.get("POOL", {}), where, _POOL_KEYS)
     defaults = PoolConfig()
-    pool = PoolConfig(
-        min_size=int(pool_raw.get("MIN_SIZE", defaults.min_size)),
-        max_size=int(pool_raw.get("MAX_SIZE", defaults.max_size)),
-        timeout=float(pool_raw.get("TIMEOUT", defaults.timeout)),
-        max_idle=float(pool_raw.get("MAX_IDLE", defaults.max_idle)),
-        max_lifetime=float(pool_raw.get("MAX_LIFETIME", defaults.max_lifetime)),
-        check=bool(pool_raw.get("CHECK", defaults.check)),
-    )
-    if not 0 <= pool.min_size <= pool.max_size or pool.max_size < 1:
-        raise ImproperlyConfigured(
-            "ASYNC_PREFETCH['POOL'] needs 0 <= MIN_SIZE <= MAX_SIZE and MAX_SIZE >= 1."
+    errors_before_sizes = len(read.errors)
+    min_size = read.integer(pool_raw, "MIN_SIZE", where, defaults.min_size, minimum=0)
+    max_size = read.integer(pool_raw, "MAX_SIZE", where, defaults.max_size, minimum=1)
+    if len(read.errors) == errors_before_sizes and min_size > max_size:
+        read.error(
+            OUT_OF_RANGE,
+            f"{where} needs MIN_SIZE <= MAX_SIZE, not MIN_SIZE={min_size} and MAX_SIZE={max_size}.",
         )
-    max_concurrency = int(raw.get("MAX_CONCURRENCY", pool.max_size))
-    if max_concurrency < 1:
-        raise ImproperlyConfigured("ASYNC_PREFETCH['MAX_CONCURRENCY'] must be at least 1.")
-    chunk_size = raw.get("CHUNK_SIZE", EngineConfig.chunk_size)
-    if chunk_size is not None:
-        chunk_size = int(chunk_size)
-        if chunk_size < 1:
-            raise ImproperlyConfigured("ASYNC_PREFETCH['CHUNK_SIZE'] must be at least 1 or None.")
-    return EngineConfig(
+    pool = PoolConfig(
+        min_size=min_size,
+        max_size=max_size,
+        timeout=read.seconds(pool_raw, "TIMEOUT", where, defaults.timeout),
+        max_idle=read.seconds(pool_raw, "MAX_IDLE", where, defaults.max_idle),
+        max_lifetime=read.seconds(pool_raw, "MAX_LIFETIME", where, defaults.max_lifetime),
+        check=read.boolean(pool_raw, "CHECK", where, defaults.check),
+    )
+    chunk_size: int | None = None
+    if raw.get("CHUNK_SIZE", _DEFAULT_CHUNK_SIZE) is not None:
+        chunk_size = read.integer(
+            raw, "CHUNK_SIZE", top, _DEFAULT_CHUNK_SIZE, minimum=1, or_none=True
+        )
+    config = EngineConfig(
         pool=pool,
-        max_concurrency=max_concurrency,
-        install=bool(raw.get("INSTALL", False)),
+        max_concurrency=read.integer(raw, "MAX_CONCURRENCY", top, max_size, minimum=1),
+        install=read.boolean(raw, "INSTALL", top, default=False),
         chunk_size=chunk_size,
     )
+    if read.errors:
+        return None, read.errors
+    return config, []
+
+
+def load_config() -> EngineConfig:
+    """:func:`read_config`'s config; ``ImproperlyConfigured`` listing its errors, in the
+    form ``manage.py check`` prints them, when there are any."""
+    config, errors = read_config()
+    if config is None:
+        raise ImproperlyConfigured("\n".join(map(str, errors)))
+    return config

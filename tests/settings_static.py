@@ -14,6 +14,9 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "tests.testapp",
+    "taggit",
+    "modelcluster",
+    "tests.thirdparty",
     # Installed so that mypy's Django plugin (which reads these settings) can type the demo.
     "async_prefetch.demo_app",
 ]
