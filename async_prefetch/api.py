@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import connections
 from django.db.models import Model, Prefetch, QuerySet
 from django.db.models import query as django_query
@@ -76,6 +76,26 @@ def _split(
     return queryset, all_lookups
 
 
+async def _run_async(caller: CallerContext, func: Any, *args: Any) -> Any:
+    """Await ``func(*args, caller)`` on the engine thread, or, when the caller is inside
+    ``atomic``, here, serially on the caller's own connections (only they see its rows)."""
+    if caller.in_atomic():
+        return await func(*args, caller.on_caller_connections())
+    return await bridge.run_async(func, *args, caller)
+
+
+def _run_sync(caller: CallerContext, func: Any, *args: Any) -> Any:
+    """:func:`_run_async` for synchronous callers.
+
+    Inside ``atomic`` the run goes through ``async_to_sync``: its event loop runs on a
+    helper thread while this thread, which owns the transaction, runs the run's queries
+    (``sync_to_async(thread_sensitive=True)`` comes back here), one at a time.
+    """
+    if caller.in_atomic():
+        return async_to_sync(func)(*args, caller.on_caller_connections())
+    return bridge.run_sync(func, *args, caller)
+
+
 async def aprefetch(
     qs_or_instances: QuerySet[M] | Iterable[M], *lookups: Lookup, using: str | None = None
 ) -> list[M]:
@@ -95,17 +115,8 @@ async def aprefetch(
         await aprefetch_related_objects(instances, *all_lookups)
         return instances
     caller = await _capture_async_caller()
-    fetched: list[M] = await _run_async(
-        caller, queryset.db, _run_root, queryset, all_lookups, caller
-    )
+    fetched: list[M] = await _run_async(caller, _run_root, queryset, all_lookups)
     return fetched
-
-
-async def _run_async(caller: CallerContext, alias: str, func: Any, *args: Any) -> Any:
-    """Run on the engine thread, or here inside the caller's ``atomic`` (its connection)."""
-    if caller.in_atomic(alias):
-        return await func(*args)
-    return await bridge.run_async(func, *args)
 
 
 async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup) -> None:
@@ -113,12 +124,11 @@ async def aprefetch_related_objects(instances: Iterable[Model], *lookups: Lookup
     instances = instances if isinstance(instances, list) else list(instances)
     if not instances:
         return
-    alias = alias_of(instances)
-    if not _engine_supports(alias):
+    if not _engine_supports(alias_of(instances)):
         await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
         return
     caller = await _capture_async_caller()
-    await _run_async(caller, alias, run_prefetch, instances, lookups, caller)
+    await _run_async(caller, run_prefetch, instances, lookups)
 
 
 def prefetch(
@@ -130,17 +140,18 @@ def prefetch(
         prefetch_related_objects(instances, *lookups)
         return instances
     queryset, all_lookups = _split(qs_or_instances, lookups, using)
-    caller = CallerContext.capture()
-    alias = queryset.db
-    if not _engine_supports(alias) or caller.in_atomic(alias):
+    if not _engine_supports(queryset.db):
         instances = list(queryset)
         django_prefetch_related_objects(instances, *all_lookups)
         return instances
+    caller = CallerContext.capture()
     if not _engine_root(queryset):  # rows Django builds; the lookups still concurrent
         instances = list(queryset)
-        bridge.run_sync(run_prefetch, instances, all_lookups, caller)
+        if instances:
+            _run_sync(caller, run_prefetch, instances, all_lookups)
         return instances
-    return bridge.run_sync(_run_root, queryset, all_lookups, caller)
+    fetched: list[M] = _run_sync(caller, _run_root, queryset, all_lookups)
+    return fetched
 
 
 async def _run_root(queryset: QuerySet[M], lookups: list[Lookup], caller: CallerContext) -> list[M]:
@@ -150,19 +161,16 @@ async def _run_root(queryset: QuerySet[M], lookups: list[Lookup], caller: Caller
 def prefetch_related_objects(model_instances: Iterable[Model], *related_lookups: Lookup) -> None:
     """Drop-in for Django's ``prefetch_related_objects``, run by the engine.
 
-    Inside ``atomic`` on the instances' database it calls Django's own function on
-    the caller's connection (one connection cannot run queries concurrently), so
-    uncommitted rows are seen.
+    Inside ``atomic`` the engine runs on the caller's own connections, one query at a
+    time, so the transaction's uncommitted rows are seen.
     """
     instances = model_instances if isinstance(model_instances, list) else list(model_instances)
     if not instances:
         return
-    caller = CallerContext.capture()
-    alias = alias_of(instances)
-    if not _engine_supports(alias) or caller.in_atomic(alias):
+    if not _engine_supports(alias_of(instances)):
         django_prefetch_related_objects(instances, *related_lookups)
         return
-    bridge.run_sync(run_prefetch, instances, related_lookups, caller)
+    _run_sync(CallerContext.capture(), run_prefetch, instances, related_lookups)
 
 
 async def aclose() -> None:

@@ -11,9 +11,10 @@ remaining fetches and restores every pre-existing instance from the journal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -49,6 +50,7 @@ from .planner import (
     not_prefetchable,
     to_attr_conflict,
 )
+from .querylog import instrumented_like
 from .trace import ROOT_KEY, RunTrace, StepTrace, current_trace
 
 __all__ = ["CallerContext", "run_prefetch"]
@@ -63,6 +65,9 @@ class CallerContext:
 
     connections: dict[str, BaseDatabaseWrapper]
     trace: RunTrace | None = None
+    #: Run every query on the caller's own connections, one at a time, instead of the
+    #: pool (inside ``atomic``; the run then executes on the caller's side).
+    caller_connections: bool = False
 
     @classmethod
     def capture(cls, trace: RunTrace | None = None) -> CallerContext:
@@ -71,10 +76,13 @@ class CallerContext:
 
         return cls({alias: connections[alias] for alias in connections}, trace or current_trace())
 
-    def in_atomic(self, alias: str) -> bool:
-        """True when the caller holds an open transaction on ``alias``."""
-        connection = self.connections.get(alias)
-        return connection is not None and connection.in_atomic_block
+    def in_atomic(self) -> bool:
+        """True when the caller holds an open transaction on any database."""
+        return any(connection.in_atomic_block for connection in self.connections.values())
+
+    def on_caller_connections(self) -> CallerContext:
+        """This context, for a run whose queries go through the caller's connections."""
+        return replace(self, caller_connections=True)
 
 
 @dataclass(eq=False)
@@ -118,17 +126,19 @@ async def run_prefetch(
 
 
 class _Run:
-    def __init__(self, caller: CallerContext) -> None:
+    def __init__(self, caller: CallerContext, outer: _Run | None = None) -> None:
         self._caller = caller
         self._config = load_config()
-        self._limiter = anyio.CapacityLimiter(self._config.max_concurrency)
-        self._executors: dict[str, Executor] = {}
+        # A nested run (a queryset's own lookups) shares its caller's limit and executors.
+        self._limiter: anyio.CapacityLimiter = (
+            outer._limiter if outer else anyio.CapacityLimiter(self._config.max_concurrency)
+        )
+        self._executors: dict[str, Executor] = outer._executors if outer else {}
         self._journal = Journal()
         self._plan: Plan
         self._roots: list[Model] = []
         self._pending = 0
         self._deferred: list[Level] = []
-        self._atomic = False
         self._rejections: list[tuple[tuple[int, ...], str]] = []
         self._tg: TaskGroup
         self._send: MemoryObjectSendStream[tuple[_Fetch, Any]]
@@ -139,8 +149,6 @@ class _Run:
         self, instances: list[Model], lookups: Sequence[Any], root_queryset: QuerySet[Any] | None
     ) -> list[Model]:
         normalized = normalize(lookups)
-        alias = root_queryset.db if root_queryset is not None else alias_of(instances)
-        self._atomic = self._caller.in_atomic(alias)
         if root_queryset is not None:
             compiled = compile_queryset(root_queryset)
             trace = self._caller.trace
@@ -149,7 +157,7 @@ class _Run:
             self._journal.mark_created(instances)
             if trace is not None and step is not None:
                 trace.finish(step, len(instances))
-        if not instances:
+        if not instances or not normalized or not _accept_caches(instances):
             return instances
         self._plan = Plan(instances[0])
         invalid: Exception | None = None
@@ -176,6 +184,7 @@ class _Run:
     async def _run_graph(self) -> None:
         send, receive = anyio.create_memory_object_stream[tuple[_Fetch, Any]](math.inf)
         self._send = send
+        error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg, send, receive:
                 self._tg = tg
@@ -189,7 +198,11 @@ class _Run:
                     self._raise_rejection()
                 self._raise_rejection()
         except BaseExceptionGroup as group:
-            raise _single_error(group) from None
+            error = _primary_error(group)
+        if error is not None:
+            # Raised outside the handler: the error keeps its own cause (the driver's
+            # error under Django's) and context instead of the group's.
+            raise error
         unfinished = [level.key for level in self._plan.levels.values() if not level.done]
         assert not unfinished, f"levels never ran: {unfinished}"
 
@@ -283,7 +296,7 @@ class _Run:
 
     def _decide(self, level: Level, obj_list: list[Any]) -> _Fetch | list[Any] | None:
         """Fetch (a ``_Fetch`` to run), walk (the next objects) or stop (``None``)."""
-        if not obj_list or not self._prepare(obj_list):
+        if not obj_list or not _accept_caches(obj_list):
             return None
         first_obj = obj_list[0]
         prefetcher, descriptor, attr_found, is_fetched = get_prefetcher(
@@ -350,17 +363,6 @@ class _Run:
             querysets[0]._add_hints(instance=parents[0])
         return relations
 
-    def _prepare(self, obj_list: list[Any]) -> bool:
-        touch = self._journal.touch  # before the level reads (or loads) anything on them
-        for obj in obj_list:
-            touch(obj)
-            if not hasattr(obj, "_prefetched_objects_cache"):
-                try:
-                    obj._prefetched_objects_cache = {}
-                except (AttributeError, TypeError):
-                    return False
-        return True
-
     # -- fetching ------------------------------------------------------------------
 
     async def _fetch_part(self, fetch: _Fetch, part: _Part) -> None:
@@ -408,7 +410,7 @@ class _Run:
                     f"async_prefetch cannot run queries on database {alias!r} "
                     f"({caller_connection.vendor}); only PostgreSQL is supported."
                 )
-            if self._caller.in_atomic(alias):
+            if self._caller.caller_connections:
                 assert caller_connection is not None
                 executor = CallerConnectionExecutor(caller_connection)
             else:
@@ -435,7 +437,9 @@ class _Run:
                 # Django's builder evaluated the queryset, its prefetches included,
                 # before writing the reverse caches (which skip cached relations).
                 # (Such levels are never split: there is one part.)
-                await _Run(self._caller).execute(links[0][1], relation.additional_lookups, None)
+                await _Run(self._caller, self).execute(
+                    links[0][1], relation.additional_lookups, None
+                )
             related = [obj for _, objs in links for obj in objs]
         else:
             relation, related = payload
@@ -457,7 +461,7 @@ class _Run:
         """Tell the journal about built instances that will be parents (this level has
         children, or will have its queryset's own lookups): only parents are written to
         and so looked up there. Recording leaf instances would cost memory for nothing;
-        an unrecorded one that is touched after all is merely snapshotted."""
+        writes to an unrecorded one are merely journaled."""
         if level.children or relation.additional_lookups:
             self._journal.mark_created(related)
 
@@ -485,14 +489,14 @@ class _Run:
     async def _call_django(self, func: Callable[..., T], *args: Any) -> T:
         """Run synchronous Django code that may query, without blocking the event loop.
 
-        Inside the caller's ``atomic`` it runs on the caller's thread (whose
-        connection holds the transaction and logs the queries itself); otherwise on a
-        worker thread whose queries are reported to the caller's connections.
+        On the caller's connections (inside ``atomic``) it runs on the caller's thread
+        (whose connection holds the transaction and logs the queries itself); otherwise
+        on a worker thread whose queries are reported to the caller's connections.
         """
-        if self._atomic:
+        if self._caller.caller_connections:
             return await sync_to_async(func, thread_sensitive=True)(*args)
         result, queries = await anyio.to_thread.run_sync(
-            _logging_queries, func, *args, abandon_on_cancel=False
+            _logging_queries, self._caller.connections, func, *args, abandon_on_cancel=False
         )
         for alias, entries in queries.items():
             connection = self._caller.connections.get(alias)
@@ -533,41 +537,53 @@ class _Run:
         leaf_queryset: Any = lookup.queryset if level.is_leaf else None
         cache_name = relation.cache_name
         instance_attr = relation.instance_attr
+        journal = self._journal
         if not (relation.single or as_attr or leaf_queryset is not None):
             # A to-many relation into the prefetch cache, the common case: its loop alone.
             # It writes no attribute a key reads, so the keys can be read first, at once.
             make_queryset = queryset_maker(instances, to_attr)
             parent_keys = key_values(instance_attr, instances)
+            made_querysets = []
             for obj, parent_key in zip(instances, parent_keys, strict=True):
                 made: Any = make_queryset(obj)
                 made._result_cache = rel_obj_cache.get(parent_key, [])
                 made._prefetch_done = True
-                obj._prefetched_objects_cache[cache_name] = made  # type: ignore[attr-defined]
+                made_querysets.append(made)
+            caches = [obj._prefetched_objects_cache for obj in instances]  # type: ignore[attr-defined]
+            journal.set_items(instances, caches, cache_name, made_querysets)
             return
-        # _prepare recorded every parent's caches. setattr may go through a descriptor
-        # or a property and overwrite any attribute: such levels record them all.
-        sets_attributes = as_attr or (relation.single and relation.is_descriptor)
-        touch_attributes = self._journal.touch_attributes
         for obj in instances:  # a key read, then the writes, per parent as in Django
-            if sets_attributes:
-                touch_attributes(obj)
             vals = rel_obj_cache.get(instance_attr(obj), [])
             if relation.single:
                 val = vals[0] if vals else None
                 if as_attr:
-                    setattr(obj, to_attr, val)
+                    journal.set_attribute(obj, to_attr, val)
                 elif relation.is_descriptor:
-                    setattr(obj, cache_name, val)
+                    journal.set_attribute(obj, cache_name, val)
                 else:
-                    obj._state.fields_cache[cache_name] = val
+                    journal.set_item(obj, obj._state.fields_cache, cache_name, val)
             elif as_attr:
-                setattr(obj, to_attr, vals)
+                journal.set_attribute(obj, to_attr, vals)
             else:  # a leaf Prefetch queryset, filtered per parent as Django does
                 source = leaf_queryset._chain() if _compat.CHAIN_LEAF_QUERYSET else leaf_queryset
                 qs: Any = getattr(obj, to_attr)._apply_rel_filters(source)
                 qs._result_cache = vals
                 qs._prefetch_done = True
-                obj._prefetched_objects_cache[cache_name] = qs  # type: ignore[attr-defined]
+                cache = obj._prefetched_objects_cache  # type: ignore[attr-defined]
+                journal.set_item(obj, cache, cache_name, qs)
+
+
+def _accept_caches(obj_list: list[Any]) -> bool:
+    """Give every object a prefetch cache, as Django's loop does before each step; False
+    (the step and its lookup's rest are skipped, quietly, as in Django) as soon as one
+    cannot have one (``None``, a dict or tuple of ``values()``, an ``int``)."""
+    for obj in obj_list:
+        if not hasattr(obj, "_prefetched_objects_cache"):
+            try:
+                obj._prefetched_objects_cache = {}
+            except (AttributeError, TypeError):
+                return False
+    return True
 
 
 def _build_all(build: Callable[[Rows], list[Model]], batches: list[Rows]) -> list[Model]:
@@ -616,10 +632,12 @@ def _traverse(obj_list: list[Any], through_attr: str) -> list[Any]:
 
 
 def _logging_queries(
-    func: Callable[..., T], *args: Any
+    callers: dict[str, BaseDatabaseWrapper], func: Callable[..., T], *args: Any
 ) -> tuple[T, dict[str, list[dict[str, str]]]]:
     """Call ``func`` on this worker thread and return the queries its connections ran.
 
+    The queries run inside the caller's ``execute_wrappers`` and are shown to a
+    debug-toolbar panel tracking the caller's connection (:func:`.querylog.instrumented_like`).
     The thread's connections are closed afterwards unless still usable and young
     (``close_old_connections``), as at the end of a Django request.
     """
@@ -630,7 +648,10 @@ def _logging_queries(
     for conn in handlers:
         conn.force_debug_cursor = True
     try:
-        result = func(*args)
+        with contextlib.ExitStack() as stack:
+            for conn in handlers:
+                stack.enter_context(instrumented_like(callers.get(conn.alias), conn))
+            result = func(*args)
         queries = {conn.alias: list(conn.queries_log)[start:] for conn, _, start in marks}
     finally:
         for conn, forced, _ in marks:
@@ -659,8 +680,13 @@ def _django_prefetch_querysets(
     return relation, list(rel_qs)
 
 
-def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first real error of a task group (cancellations of siblings are noise)."""
+def _primary_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error a failed run raises: the first real error of its task group (the
+    siblings' cancellations are noise), or a cancellation if there is nothing else.
+
+    The other real errors stay reachable, as trio keeps them: listed in a note, and as
+    an exception group in the error's ``__context__`` when that is free.
+    """
     errors: list[BaseException] = []
 
     def collect(exc: BaseException) -> None:
@@ -672,7 +698,16 @@ def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
 
     collect(group)
     cancelled = anyio.get_cancelled_exc_class()
-    for error in errors:
-        if not isinstance(error, cancelled):
-            return error
-    return errors[0] if errors else group
+    real = [error for error in errors if not isinstance(error, cancelled)]
+    if not real:
+        return errors[0] if errors else group
+    primary, others = real[0], real[1:]
+    if others:
+        primary.add_note(
+            f"async_prefetch: {len(others)} other quer{'y' if len(others) == 1 else 'ies'} "
+            "of the same call failed too: "
+            + "; ".join(f"{type(other).__name__}: {other}" for other in others)
+        )
+        if primary.__context__ is None:
+            primary.__context__ = BaseExceptionGroup("other errors of the same call", others)
+    return primary

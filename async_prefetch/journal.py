@@ -1,105 +1,119 @@
-"""Undo log for the instances a prefetch run did not create.
+"""Undo log of one prefetch call's own writes to instances it did not create.
 
-The engine writes caches as it goes (later levels must see earlier levels' writes,
-as in Django). Instances that existed before the run are recorded the first time the
-run touches them, so a failure or cancellation can put them back exactly as they
-were: no half-filled caches.
+The engine fills caches as it goes (later levels must see earlier levels' writes, as in
+Django). Each write to an instance that existed before the call (a prefetch cache entry,
+a fields cache entry, a ``to_attr`` attribute) is recorded as *(mapping, key, old value,
+new value)*. On failure or cancellation :meth:`Journal.rollback` puts back the old value
+of every write whose new value is still in place, newest first, and leaves alone what
+another call wrote since: calls that share instances (``asyncio.gather`` of two
+prefetches, threads sharing cached objects) never undo each other's work.
 
-Most levels only add entries to an instance's prefetch cache or fields cache, so only
-those two dicts are copied (nothing when they are empty), with the number of attributes:
-attributes a run adds otherwise (a walked ``cached_property``, a deferred field a key
-function loads) come after those in ``__dict__`` and are removed. Levels that ``setattr``
-(``to_attr``, descriptors) also record the instance's whole ``__dict__`` first.
+Nothing is ever deleted that another call may hold: an instance keeps the (possibly
+empty) ``_prefetched_objects_cache`` dict a call gave it, as after Django's own
+``prefetch_related_objects``. What Django itself stores while the call reads an instance
+(a walked ``cached_property``, a deferred field a key function loads) is data, not a
+prefetch cache, and stays. Instances the call built itself are not recorded: nobody
+else can reach them before they are linked into a recorded cache.
 """
 
 from __future__ import annotations
 
-from contextlib import suppress
+from collections.abc import MutableMapping
 from typing import Any
 
 from django.db.models import Model
 
 _MISSING: Any = object()
-_PREFETCHED = "_prefetched_objects_cache"
-
-# A record: [instance, prefetch cache, its items, fields cache, its items, number of
-# attributes, __dict__ copy].
-_STATE = 6
-
-
-def _items(cache: Any) -> Any:
-    """What to put back into ``cache`` (a dict) on rollback; ``None`` if not a dict."""
-    if not isinstance(cache, dict):
-        return None
-    return dict(cache) if cache else ()
 
 
 class Journal:
-    """Records of pre-existing instances, restorable on failure."""
+    """The writes of one call, restorable on failure."""
 
-    __slots__ = ("_created", "_records")
+    __slots__ = ("_created", "_writes")
 
     def __init__(self) -> None:
         self._created: set[int] = set()
-        self._records: dict[int, list[Any]] = {}
+        self._writes: list[tuple[Any, str, Any, Any]] = []
 
     def mark_created(self, instances: list[Model]) -> None:
-        """Record instances built by this run: they need no record."""
+        """Record instances built by this call: writes to them need no record."""
         self._created.update(map(id, instances))
 
-    def touch(self, obj: Any) -> list[Any] | None:
-        """Record ``obj``'s prefetch cache and fields cache before this run first writes
-        to them, unless this run built ``obj``. Returns the record (``None`` if built)."""
-        key = id(obj)
-        record = self._records.get(key)
-        if record is not None or key in self._created:
-            return record
-        prefetched = getattr(obj, _PREFETCHED, _MISSING)
-        fields_cache = getattr(getattr(obj, "_state", None), "fields_cache", None)
-        attrs = getattr(obj, "__dict__", None)  # a class's is a read-only mappingproxy
-        attributes = len(attrs) if type(attrs) is dict else None
-        record = [
-            obj,
-            prefetched,
-            _items(prefetched),
-            fields_cache,
-            _items(fields_cache),
-            attributes,
-            None,  # the __dict__ copy, made by touch_attributes()
-        ]
-        self._records[key] = record
-        return record
+    def set_item(self, owner: Any, mapping: MutableMapping[str, Any], key: str, value: Any) -> None:
+        """``mapping[key] = value``, recorded unless this call built ``owner`` (the instance
+        ``mapping`` belongs to)."""
+        if id(owner) not in self._created:
+            self._writes.append((mapping, key, mapping.get(key, _MISSING), value))
+        mapping[key] = value
 
-    def touch_attributes(self, obj: Any) -> None:
-        """:meth:`touch`, and record all of ``obj``'s attributes before this run first
-        sets one of them."""
-        record = self.touch(obj)
-        if record is not None and record[_STATE] is None:
-            record[_STATE] = dict(obj.__dict__)
+    def set_items(
+        self,
+        owners: list[Any],
+        mappings: list[MutableMapping[str, Any]],
+        key: str,
+        values: list[Any],
+    ) -> None:
+        """:meth:`set_item` for many instances at once (one key, one value each)."""
+        created = self._created
+        writes = self._writes
+        for owner, mapping, value in zip(owners, mappings, values, strict=True):
+            if id(owner) not in created:
+                writes.append((mapping, key, mapping.get(key, _MISSING), value))
+            mapping[key] = value
+
+    def set_attribute(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``, recorded unless this call built ``obj``.
+
+        ``setattr`` may go through a descriptor or a property that changes other
+        attributes or the fields cache too: every entry of ``obj.__dict__`` and of its
+        fields cache that the assignment changed is recorded.
+        """
+        if id(obj) in self._created:
+            setattr(obj, name, value)
+            return
+        attrs = getattr(obj, "__dict__", None)
+        if type(attrs) is not dict:  # a class's: a read-only mappingproxy
+            self._writes.append((_Attributes(obj), name, vars(obj).get(name, _MISSING), value))
+            setattr(obj, name, value)
+            return
+        state = attrs.get("_state")
+        fields_cache = getattr(state, "fields_cache", None)
+        mappings: list[dict[str, Any]] = [attrs]
+        if type(fields_cache) is dict:
+            mappings.append(fields_cache)
+        before = [dict(mapping) for mapping in mappings]
+        setattr(obj, name, value)
+        for mapping, old in zip(mappings, before, strict=True):
+            for key in old.keys() | mapping.keys():
+                old_value, new_value = old.get(key, _MISSING), mapping.get(key, _MISSING)
+                if old_value is not new_value:
+                    self._writes.append((mapping, key, old_value, new_value))
 
     def rollback(self) -> None:
-        """Put every recorded instance back as it was; the cache dicts keep their identity."""
-        for record in self._records.values():
-            obj, prefetched, prefetched_items, fields_cache, fields_items, attributes, state = (
-                record
-            )
-            if state is not None:
-                obj.__dict__.clear()
-                obj.__dict__.update(state)
-            if attributes is not None:  # attributes added since: in insertion order, last
-                attrs = obj.__dict__
-                for name in list(attrs)[attributes:]:
-                    del attrs[name]
-            if fields_items is not None:
-                fields_cache.clear()
-                fields_cache.update(fields_items)
-                obj._state.fields_cache = fields_cache
-            if prefetched is _MISSING:
-                with suppress(AttributeError, TypeError):
-                    delattr(obj, _PREFETCHED)
+        """Undo this call's writes that are still in place, newest first."""
+        writes, self._writes = self._writes, []
+        for mapping, key, old, new in reversed(writes):
+            if mapping.get(key, _MISSING) is not new:
+                continue  # replaced since, by another call or by code of the caller's
+            if old is _MISSING:
+                del mapping[key]
             else:
-                if prefetched_items is not None:
-                    prefetched.clear()
-                    prefetched.update(prefetched_items)
-                setattr(obj, _PREFETCHED, prefetched)
-        self._records.clear()
+                mapping[key] = old
+
+
+class _Attributes:
+    """An object's attributes as a mapping, for objects whose ``__dict__`` is read-only."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def get(self, key: str, default: Any) -> Any:
+        return vars(self._obj).get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self._obj, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        delattr(self._obj, key)

@@ -132,12 +132,11 @@ class Plan:
 
     def _add_lookup(self, lookup: Prefetch[Any], order: Order, start: Level | None) -> list[Level]:
         seen = self.levels.get(lookup.prefetch_to)
-        if seen is not None:
+        if seen is not None and not self._owns(lookup, order, start, seen):
             if lookup.queryset is not None:
                 # Django raises only if the path was actually fetched (its
                 # ``done_queries``): an empty or already-cached level is no error.
-                if seen.requeried_by is None or order < seen.requeried_by:
-                    seen.requeried_by = order
+                _requeried(seen, order)
                 if seen.fetched:
                     raise already_seen(lookup.prefetch_to)
             return []
@@ -150,28 +149,12 @@ class Plan:
             if level is None:
                 if start is not None and depth <= start.depth:
                     raise AssertionError(f"auto lookup {key!r} does not extend {start.key!r}")
-                to_attr, as_attr_value = lookup.get_current_to_attr(depth)
                 if parent is None:
                     self._check_first_step(lookup, through_attr)
-                parent_model = type(self.first_instance) if parent is None else parent.model
-                model = related_model_of(getattr(parent_model, through_attr, None))
                 level = Level(
                     key=key,
-                    through_attr=through_attr,
-                    to_attr=to_attr,
-                    as_attr=bool(as_attr_value),
-                    depth=depth,
-                    lookup=lookup,
-                    order=(order, depth),
                     parent=parent,
-                    model=model,
-                    opaque=parent_model is None
-                    or not isinstance(
-                        getattr(parent_model, through_attr, None), _RELATION_DESCRIPTORS
-                    ),
-                    certain=(parent is None or parent.certain)
-                    and model is not None
-                    and not (as_attr_value and _has_field(parent_model, to_attr)),
+                    **self._step(lookup, order, depth, through_attr, parent),
                 )
                 self.levels[key] = level
                 if parent is None:
@@ -179,10 +162,68 @@ class Plan:
                 else:
                     parent.children.append(level)
                 created.append(level)
+            elif self._owns(lookup, order, start, level):
+                self._take_over(level, lookup, order, depth, through_attr)
             parent = level
         assert parent is not None
         parent.terminal_for.append(lookup)
         return created
+
+    def _step(
+        self,
+        lookup: Prefetch[Any],
+        order: Order,
+        depth: int,
+        through_attr: str,
+        parent: Level | None,
+    ) -> dict[str, Any]:
+        """What a level is when ``lookup`` is the first to reach it at ``depth``."""
+        to_attr, as_attr_value = lookup.get_current_to_attr(depth)
+        parent_model = type(self.first_instance) if parent is None else parent.model
+        descriptor = getattr(parent_model, through_attr, None)
+        model = related_model_of(descriptor)
+        return {
+            "through_attr": through_attr,
+            "to_attr": to_attr,
+            "as_attr": bool(as_attr_value),
+            "depth": depth,
+            "lookup": lookup,
+            "order": (order, depth),
+            "model": model,
+            "opaque": parent_model is None or not isinstance(descriptor, _RELATION_DESCRIPTORS),
+            "certain": (parent is None or parent.certain)
+            and model is not None
+            and not (as_attr_value and _has_field(parent_model, to_attr)),
+        }
+
+    @staticmethod
+    def _owns(lookup: Prefetch[Any], order: Order, start: Level | None, level: Level) -> bool:
+        """True when an auto lookup (a queryset's own ``prefetch_related()``, found once
+        ``start`` was fetched) reaches ``level`` before the lookup that planned it.
+
+        Django pushes a queryset's own lookups on top of its stack of lookups: they run
+        right after the current one, before the remaining explicit ones, and so own the
+        levels they share with those (their attributes and querysets apply there).
+        """
+        return (
+            start is not None
+            and level.depth > start.depth
+            and not level.started
+            and order < level.order[0]
+        )
+
+    def _take_over(
+        self, level: Level, lookup: Prefetch[Any], order: Order, depth: int, through_attr: str
+    ) -> None:
+        """Make ``lookup`` the owner of ``level``, which a later lookup planned."""
+        displaced = level.lookup
+        if displaced.prefetch_to == level.key and displaced.queryset is not None:
+            # Django reaches the displaced lookup's own queryset after this path was done.
+            _requeried(level, level.order[0])
+        if displaced in level.terminal_for:  # Django skips a lookup whose path is done
+            level.terminal_for.remove(displaced)
+        for name, value in self._step(lookup, order, depth, through_attr, level.parent).items():
+            setattr(level, name, value)
 
     def _check_first_step(self, lookup: Prefetch[Any], through_attr: str) -> None:
         """Raise Django's error for a first step that is invalid on the first instance.
@@ -219,6 +260,12 @@ class Plan:
             and other.order < level.order
             and (level.opaque or other.opaque or other.to_attr == level.to_attr)
         ]
+
+
+def _requeried(level: Level, order: Order) -> None:
+    """Record that the lookup at ``order`` gives ``level``'s path a queryset of its own."""
+    if level.requeried_by is None or order < level.requeried_by:
+        level.requeried_by = order
 
 
 _RELATION_DESCRIPTORS = (

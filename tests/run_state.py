@@ -48,10 +48,18 @@ def sleepers() -> int:
 
 
 def state_of(books: list[Any]) -> list[Any]:
-    """Everything a run could change: attributes, the fields cache, the prefetch cache."""
+    """Everything a run could change: attributes, the fields cache, the prefetch cache.
+
+    An empty prefetch cache counts as none: a failed run may leave the empty dict it gave
+    an instance (another call may be filling it), as Django's own function leaves it.
+    """
     return [
         (
-            {k: v for k, v in vars(b).items() if k != "_state"},
+            {
+                k: v
+                for k, v in vars(b).items()
+                if k != "_state" and not (k == "_prefetched_objects_cache" and v == {})
+            },
             dict(b._state.fields_cache),
             dict(getattr(b, "_prefetched_objects_cache", {})),
         )

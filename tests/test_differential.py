@@ -845,6 +845,57 @@ ERROR_CASES: list[ErrorCase] = [
 ]
 
 
+ERROR_CASES += [
+    ErrorCase(
+        # The inner lookup owns books__pages (Django runs it right after "books"): the
+        # later explicit queryset for that path is rejected.
+        "inner-lookup-then-explicit-queryset",
+        AUTHORS,
+        (
+            Prefetch("books", queryset=Book.objects.prefetch_related("pages")),
+            Prefetch("books__pages", queryset=Page.objects.filter(number=1)),
+        ),
+        ValueError,
+        "'books__pages' lookup was already seen with a different queryset",
+        static=False,
+    ),
+]
+
+# Instances of several models in one list: Django's builders check each instance against
+# the relation's model ("Must be ... instance") before any query; the engine filled one
+# model's caches with the other's rows, or queried first and failed differently.
+MIXED_CASES = [
+    ("reverse-fk", lambda: [Author.objects.first(), Book.objects.first()], "reviews"),
+    ("reverse-fk-page", lambda: [Book.objects.first(), Page.objects.first()], "reviews"),
+    ("reverse-fk-author", lambda: [Book.objects.first(), Author.objects.first()], "pages"),
+    ("m2m-forward", lambda: [Book.objects.first(), Author.objects.first()], "authors"),
+    ("m2m-reverse", lambda: [Author.objects.first(), Book.objects.first()], "books"),
+    ("m2m-through", lambda: [Book.objects.first(), Tag.objects.first()], "tags"),
+    ("forward-fk", lambda: [Book.objects.first(), Author.objects.first()], "publisher"),
+    ("reverse-o2o", lambda: [Book.objects.first(), Author.objects.first()], "profile"),
+    ("to-field", lambda: [Book.objects.first(), Author.objects.first()], "editions"),
+    ("gfk", lambda: [Comment.objects.first(), Author.objects.first()], "content_object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "lookup"), [pytest.param(m, lk, id=i) for i, m, lk in MIXED_CASES]
+)
+def test_mixed_models_raise_djangos_error(
+    bookstore: Bookstore, make: Callable[[], list[Any]], lookup: str
+) -> None:
+    objs = make()
+    with CaptureQueriesContext(connection) as dctx, pytest.raises(Exception) as dinfo:  # noqa: PT011
+        prefetch_related_objects(objs, lookup)
+    objs = make()
+    with CaptureQueriesContext(connection) as ectx, pytest.raises(Exception) as einfo:  # noqa: PT011
+        async_prefetch.prefetch_related_objects(objs, lookup)
+    assert type(einfo.value) is type(dinfo.value)
+    assert str(einfo.value) == str(dinfo.value)
+    assert len(ectx.captured_queries) == len(dctx.captured_queries) == 0
+    assert not any(getattr(obj, "_prefetched_objects_cache", {}) for obj in objs)
+
+
 def _error_params() -> list[Any]:
     return [pytest.param(c, id=c.id) for c in ERROR_CASES]
 

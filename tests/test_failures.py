@@ -6,15 +6,17 @@ import asyncio
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import DataError
+from django.db import DataError, OperationalError
 from django.db.models import Prefetch, prefetch_related_objects
 from django.db.models.expressions import RawSQL
 
 import async_prefetch
 from async_prefetch import bridge
 from async_prefetch.compiler import compile_queryset
+from async_prefetch.engine import _primary_error
 from async_prefetch.executor import PoolExecutor
 from async_prefetch.journal import Journal
 from async_prefetch.pools import get_pool
@@ -66,7 +68,7 @@ def test_sync_failure_restores_instances_and_pool() -> None:
         async_prefetch.prefetch_related_objects(books, *FAST, FAILING)
 
     assert state_of(books) == before
-    assert not any(hasattr(b, "_prefetched_objects_cache") for b in books)
+    assert not any(getattr(b, "_prefetched_objects_cache", {}) for b in books)
     assert bridge.run_sync(settle_pool) == 0
     # The instances are still usable: a second run fills them completely.
     async_prefetch.prefetch_related_objects(books, *FAST)
@@ -219,24 +221,24 @@ async def test_cancelled_fetch_returns_its_connection_while_the_pool_is_busy() -
 
 
 @pytest.mark.django_db(transaction=True)
-def test_failure_removes_attributes_the_run_added() -> None:
+def test_failure_keeps_what_django_stored_while_reading() -> None:
     """A walked ``cached_property`` and a deferred field that a key function loads are
-    stored in ``__dict__`` by Django itself; a failed run takes them out again."""
+    stored in ``__dict__`` by Django itself: data another call may already use, not
+    prefetch caches. A failed run keeps them and takes out only its prefetch caches."""
     seed_bookstore()
     books: list[Any] = list(Book.objects.defer("publisher").order_by("pk"))
-    before = state_of(books)
     with pytest.raises(DataError, match="division by zero"):
         async_prefetch.prefetch_related_objects(
             books, "author_list__location", "publisher", FAILING
         )
-    assert state_of(books) == before
-    assert all("author_list" not in vars(b) and "publisher_id" not in vars(b) for b in books)
-    assert all(b.get_deferred_fields() == {"publisher_id"} for b in books)
+    assert all("author_list" in vars(b) and "publisher_id" in vars(b) for b in books)
+    assert filled(books) == 0
 
 
 def test_rollback_of_objects_without_a_writable_dict() -> None:
     """Walks can reach any object, a class too (its ``__dict__`` is a read-only proxy):
-    the prefetch cache a run gave it is removed, and the objects after it are restored."""
+    an attribute a run set there is removed again, and a value set on an instance
+    afterwards by someone else stays."""
 
     class Walked:
         pass
@@ -247,9 +249,39 @@ def test_rollback_of_objects_without_a_writable_dict() -> None:
     journal = Journal()
     instance = Other()
     for obj in (Walked, instance):
-        journal.touch(obj)
-        setattr(obj, "_prefetched_objects_cache", {})  # noqa: B010 (as _prepare does)
-    setattr(instance, "added", True)  # noqa: B010
+        journal.set_attribute(obj, "to_attr", [1])
+    instance.to_attr = [2]  # type: ignore[attr-defined]  # another call's, since
     journal.rollback()
-    assert "_prefetched_objects_cache" not in vars(Walked)
-    assert vars(instance) == {}
+    assert "to_attr" not in vars(Walked)
+    assert vars(instance) == {"to_attr": [2]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_drivers_error_is_the_cause() -> None:
+    """As Django's own error wrapper does, the ``django.db`` error carries psycopg's
+    (sqlstate and all) as ``__cause__``."""
+    seed_bookstore()
+    books: list[Any] = list(Book.objects.order_by("pk"))
+    with pytest.raises(DataError) as info:
+        async_prefetch.prefetch_related_objects(books, "pages", FAILING)
+    cause = info.value.__cause__
+    assert isinstance(cause, psycopg.errors.DivisionByZero)
+    assert cause.sqlstate == "22012"
+
+
+@pytest.mark.anyio
+async def test_other_failures_of_the_group_stay_reachable() -> None:
+    """Queries that fail in the same moment: the first error is raised with its own
+    cause; the others are named in a note and kept as the group in ``__context__``
+    (siblings' cancellations are left out)."""
+    first, second = DataError("division by zero"), OperationalError("server closed")
+    first.__cause__ = cause = ZeroDivisionError()
+    group = BaseExceptionGroup("run", [asyncio.CancelledError(), first, second])
+    error = _primary_error(group)
+    assert error is first
+    assert error.__cause__ is cause
+    assert error.__notes__ == [
+        "async_prefetch: 1 other query of the same call failed too: OperationalError: server closed"
+    ]
+    assert isinstance(error.__context__, BaseExceptionGroup)
+    assert error.__context__.exceptions == (second,)
