@@ -1,0 +1,1 @@
+"""The sample project's app: shelves and the books on them."""
