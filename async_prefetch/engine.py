@@ -264,6 +264,7 @@ class _Run:
         step = await self._sync_or_thread(self._decide, level, obj_list)
         trace = self._caller.trace
         if isinstance(step, _Fetch):
+            self._raise_rejection()  # before its query is sent: Django's error is certain
             self._launch(step)
             # Let the new fetch tasks start before this task builds and compiles the
             # next level's query: each sends its own a scheduling round or two later

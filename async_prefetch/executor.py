@@ -208,15 +208,27 @@ async def _execute(cursor: Any, sql: str, params: Any, alias: str) -> None:
     after its timeout and the query goes on. anyio also cancels every await in a
     cancelled scope, which would interrupt that clean-up. So the query runs in a task of
     its own, which is not cancelled: a cancelled caller waits, shielded, in
-    :func:`_stop_query`, which re-sends cancel requests until the query has ended.
+    :func:`_stop_query`, which re-sends cancel requests until the query has ended (a
+    query whose task never ran was not sent: that task is simply cancelled).
     Pools, and so this, only run on asyncio (:func:`.pools.get_pool`).
     """
-    task = asyncio.ensure_future(cursor.execute(sql, params))
+    started = False
+
+    async def execute() -> None:
+        nonlocal started
+        started = True
+        await cursor.execute(sql, params)
+
+    task = asyncio.ensure_future(execute())
     try:
         await asyncio.shield(task)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _stop_query(cursor.connection, task, alias)
+            if started:
+                await _stop_query(cursor.connection, task, alias)
+            else:  # cancelled before it ran: nothing was sent
+                task.cancel()
+                await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # retrieved: the caller's own exception wins
         raise

@@ -20,14 +20,11 @@ is an error only once that path has actually been fetched.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from django.contrib.contenttypes.fields import (
-    GenericForeignKey,
-    ReverseGenericManyToOneDescriptor,
-)
 from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Model, Prefetch
 from django.db.models.constants import LOOKUP_SEP
@@ -190,7 +187,7 @@ class Plan:
             "lookup": lookup,
             "order": (order, depth),
             "model": model,
-            "opaque": parent_model is None or not isinstance(descriptor, _RELATION_DESCRIPTORS),
+            "opaque": parent_model is None or not _is_relation(descriptor),
             "certain": (parent is None or parent.certain)
             and model is not None
             and not (as_attr_value and _has_field(parent_model, to_attr)),
@@ -272,8 +269,23 @@ _RELATION_DESCRIPTORS = (
     ForwardManyToOneDescriptor,
     ReverseOneToOneDescriptor,
     ReverseManyToOneDescriptor,
-    GenericForeignKey,
 )
+
+
+def _generic(name: str) -> type[Any] | None:
+    """A class of ``django.contrib.contenttypes.fields``, if that module was imported.
+
+    It is never imported here: its import needs the contenttypes app, and a project
+    without it has no generic relation whose descriptor could be an instance of it.
+    """
+    return getattr(sys.modules.get("django.contrib.contenttypes.fields"), name, None)
+
+
+def _is_relation(descriptor: Any) -> bool:
+    if isinstance(descriptor, _RELATION_DESCRIPTORS):
+        return True
+    generic_foreign_key = _generic("GenericForeignKey")
+    return generic_foreign_key is not None and isinstance(descriptor, generic_foreign_key)
 
 
 def related_model_of(descriptor: Any) -> type[Model] | None:
@@ -283,7 +295,9 @@ def related_model_of(descriptor: Any) -> type[Model] | None:
     if isinstance(descriptor, ManyToManyDescriptor):
         rel: Any = descriptor.rel
         target = rel.related_model if descriptor.reverse else rel.model
-    elif isinstance(descriptor, ReverseGenericManyToOneDescriptor):
+    elif (generic := _generic("ReverseGenericManyToOneDescriptor")) and isinstance(
+        descriptor, generic
+    ):
         target = descriptor.field.related_model
     elif isinstance(descriptor, ReverseManyToOneDescriptor):
         target = descriptor.rel.related_model

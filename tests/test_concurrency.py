@@ -107,3 +107,36 @@ def test_each_fetch_starts_before_the_next_sibling_is_compiled(
         for model in ("Book", "Page", "Review", "Edition")
         for step in ("compile", "fetch")
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_max_concurrency_holds_for_a_querysets_own_lookups() -> None:
+    """A ``Prefetch`` queryset's own ``prefetch_related()`` runs in the same call, under
+    the same ``MAX_CONCURRENCY``: never more queries in the server at once (by the
+    server's start times of queries that each sleep ``SLEEP``)."""
+    from django.test import override_settings
+
+    seed_bookstore()
+    inner = [Prefetch("book", queryset=slow(Book.objects.all()), to_attr=f"b{i}") for i in range(3)]
+    lookups = [
+        Prefetch("pages", queryset=slow(Page.objects.prefetch_related(*inner)), to_attr="slow"),
+        *(
+            Prefetch("reviews", queryset=slow(Review.objects.all()), to_attr=f"r{i}")
+            for i in range(2)
+        ),
+    ]
+    # Connections enough for every query: only the limit may hold them back.
+    with override_settings(ASYNC_PREFETCH={"MAX_CONCURRENCY": 2, "POOL": {"MIN_SIZE": 6}}):
+        async_prefetch.bridge.run_sync(async_prefetch.aclose)
+        books: list[Any] = async_prefetch.prefetch(Book.objects.order_by("pk"), *lookups)
+    pages = [page for book in books for page in book.slow]
+    starts = sorted(
+        [start_of(pages)]
+        + [start_of([getattr(page, f"b{i}") for page in pages]) for i in range(3)]
+        + [start_of([r for book in books for r in getattr(book, f"r{i}")]) for i in range(2)]
+    )
+    running_at_once = max(
+        sum(start <= other < start + timedelta(seconds=0.8 * SLEEP) for other in starts)
+        for start in starts
+    )
+    assert running_at_once == 2, starts
