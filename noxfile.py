@@ -1,4 +1,5 @@
-"""Nox sessions: ``tests`` (per Python/Django pair), ``lint``, ``demo`` and ``bench``.
+"""Nox sessions: ``tests`` and ``conformance`` (per Python/Django pair), ``lint``, ``docs``,
+``demo`` and ``bench``.
 
 pyenv interpreters (``~/.pyenv/versions/*/bin``) are put first on ``PATH`` so that nox finds
 ``python3.12`` and ``python3.13`` even when pyenv's shims would refuse to run them.
@@ -20,7 +21,7 @@ def _version(path: Path) -> tuple[int, ...]:
 _pyenv_bins = sorted(Path.home().glob(".pyenv/versions/*/bin"), key=_version, reverse=True)
 os.environ["PATH"] = os.pathsep.join([*map(str, _pyenv_bins), os.environ.get("PATH", "")])
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 # Django 5.2 LTS is the last series for Python 3.11; Django 6.x needs Python >= 3.12.
@@ -41,13 +42,30 @@ def tests(session: nox.Session, django: str) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session
+@nox.parametrize(("python", "django"), list(MATRIX.values()), ids=list(MATRIX))
+def conformance(session: nox.Session, django: str) -> None:
+    """Django's own prefetch test modules with the engine installed (``conformance/run.py``;
+    extra arguments go to it, e.g. ``-- --mode transaction prefetch_related``)."""
+    session.install("-e", ".[embedded]")
+    session.install(django)
+    session.run("python", "conformance/run.py", *session.posargs)
+
+
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check and mypy."""
     session.install("-e", ".[test]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", "async_prefetch", "tests")
+    session.run("mypy", "async_prefetch", "tests", "conformance")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with warnings as errors (``site/``)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session(python="3.11")

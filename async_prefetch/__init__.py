@@ -1,7 +1,8 @@
 """async_prefetch: Django's ``prefetch_related``, with independent queries run concurrently.
 
 Public API: :func:`aprefetch`, :func:`aprefetch_related_objects`, :func:`prefetch`,
-:func:`prefetch_related_objects`, :func:`install`, :func:`uninstall`, :func:`aclose`.
+:func:`prefetch_related_objects`, :func:`install`, :func:`uninstall`, :func:`aclose`,
+:class:`Memo`.
 Importing this package does not import Django models; the functions load on first use.
 """
 
@@ -13,11 +14,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
+    "Memo",
     "RunTrace",
     "aclose",
+    "aiterator",
     "aprefetch",
     "aprefetch_related_objects",
     "install",
+    "iterator",
     "prefetch",
     "prefetch_related_objects",
     "tracing",
@@ -26,27 +30,32 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import (
-        FallbackWarning,
         aclose,
         aprefetch,
         aprefetch_related_objects,
         prefetch,
         prefetch_related_objects,
     )
+    from .dispatch import FallbackWarning
     from .patching import install, uninstall
-    from .trace import RunTrace, tracing
+    from .runtime.memo import Memo
+    from .runtime.trace import RunTrace, tracing
+    from .streaming import aiterator, iterator
 
 _LAZY = {
-    "FallbackWarning": "api",
+    "FallbackWarning": "dispatch",
     "aclose": "api",
     "aprefetch": "api",
     "aprefetch_related_objects": "api",
     "prefetch": "api",
     "prefetch_related_objects": "api",
     "install": "patching",
+    "aiterator": "streaming",
+    "iterator": "streaming",
     "uninstall": "patching",
-    "tracing": "trace",
-    "RunTrace": "trace",
+    "Memo": "runtime.memo",
+    "tracing": "runtime.trace",
+    "RunTrace": "runtime.trace",
 }
 
 

@@ -1,7 +1,8 @@
 """``python -m async_prefetch COMMAND [ARGS...]``.
 
-Each command is a module of this package with a ``main(argv) -> int``; it is imported only when
-run, so a command's dependencies (Django settings, extras) never load for another one.
+Each command is a module of :mod:`async_prefetch.devtools` with a ``main(argv) -> int``; it is
+imported only when run, so a command's dependencies (Django settings, extras) never load for
+another one, and the library itself never imports the developer tooling.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections.abc import Sequence
 from importlib import import_module
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("async_prefetch.demo", "seed a bookstore and fetch one page with prefetch_related"),
-    "bench": ("async_prefetch.bench.runner", "benchmark prefetch_related against the engine"),
+    "demo": ("async_prefetch.devtools.demo.cli", "one page by prefetch_related and by the engine"),
+    "bench": (
+        "async_prefetch.devtools.bench.runner",
+        "benchmark prefetch_related against the engine",
+    ),
 }
 
 

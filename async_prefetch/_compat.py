@@ -12,6 +12,7 @@ from typing import Any
 import django
 from django.db.models import Model, QuerySet
 from django.db.models import query as django_query
+from django.db.models.fields import related_descriptors
 
 #: Django 6.1 added fetch modes (``QuerySet.fetch_mode()``, ``_state.peers``).
 HAS_FETCH_MODES: bool = hasattr(QuerySet, "fetch_mode")
@@ -25,6 +26,13 @@ CHAIN_LEAF_QUERYSET: bool = django.VERSION >= (6, 1)
 _POPULATORS_TAKE_FETCH_MODE = (
     "fetch_mode" in inspect.signature(django_query.get_related_populators).parameters
 )
+
+
+def filter_prefetch_queryset(queryset: Any, field_name: str, instances: list[Model]) -> Any:
+    """Django's own filter of a reverse relation's prefetch queryset by its parents
+    (a sliced queryset becomes a ``ROW_NUMBER()`` window); private, the same in every
+    supported line."""
+    return related_descriptors._filter_prefetch_queryset(queryset, field_name, instances)  # type: ignore[attr-defined]
 
 
 def queryset_fetch_mode(queryset: QuerySet[Any]) -> Any:
@@ -111,7 +119,9 @@ def is_djangos_related_manager(manager: object) -> bool:
 
 
 def related_manager_queryset(manager: Any) -> QuerySet[Any]:
-    """``manager.get_queryset()`` for a related manager whose instance is not prefetched yet.
+    """A fresh ``manager.get_queryset()`` for a related manager: never the queryset its
+    instance's prefetch cache may already hold (another call may have filled it since
+    this one decided to fetch; that queryset is not this call's to reuse).
 
     Django 6.1 applies the relation's filters to a fresh queryset in place; before 6.1
     each filter cloned the query (the bulk of prefetch time for many small relations).
@@ -121,9 +131,11 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     queryset's query. Any other manager (a subclass, django-taggit's, modelcluster's)
     builds its queryset itself: ``manager.get_queryset()``.
     """
-    if RELATED_FILTERS_IN_PLACE or not is_djangos_related_manager(manager):
+    if not is_djangos_related_manager(manager):
         return manager.get_queryset()  # type: ignore[no-any-return]
     queryset: Any = super(type(manager), manager).get_queryset()
+    if RELATED_FILTERS_IN_PLACE:  # what get_queryset() does without a prefetched result
+        return manager._apply_rel_filters(queryset)  # type: ignore[no-any-return]
 
     def chain_in_place() -> Any:
         if queryset._sticky_filter:

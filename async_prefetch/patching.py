@@ -6,9 +6,30 @@ import sys
 import threading
 from typing import Any
 
+from django.db.models import QuerySet
 from django.db.models import query as django_query
 
-from . import api
+from . import api, streaming
+
+#: Django's own ``QuerySet`` iterators, captured before ``install()`` replaces them.
+_django_iterator = QuerySet.iterator
+_django_aiterator = QuerySet.aiterator
+
+
+def _iterator(self: QuerySet[Any], chunk_size: int | None = None) -> Any:
+    """``QuerySet.iterator()``: with ``prefetch_related()`` lookups, a stream whose next
+    chunk is read and prefetched while the loop works on this one; else Django's."""
+    if not self._prefetch_related_lookups or chunk_size is None or chunk_size <= 0:  # type: ignore[attr-defined]
+        return _django_iterator(self, chunk_size)  # Django's result, or Django's error
+    return streaming.iterator(self, chunk_size=chunk_size)
+
+
+def _aiterator(self: QuerySet[Any], chunk_size: int = streaming.DEFAULT_CHUNK_SIZE) -> Any:
+    """``QuerySet.aiterator()``: as :func:`_iterator`, for ``async for``."""
+    if not self._prefetch_related_lookups or chunk_size <= 0:  # type: ignore[attr-defined]
+        return _django_aiterator(self, chunk_size)
+    return streaming.aiterator(self, chunk_size=chunk_size)
+
 
 _lock = threading.Lock()
 _patched: list[tuple[Any, str, Any]] = []
@@ -26,7 +47,10 @@ def _targets() -> list[tuple[Any, str, Any, Any]]:
             api.aprefetch_related_objects,
         ),
     }
-    targets = []
+    targets: list[tuple[Any, str, Any, Any]] = [
+        (QuerySet, "iterator", _django_iterator, _iterator),
+        (QuerySet, "aiterator", _django_aiterator, _aiterator),
+    ]
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith("django."):
             continue
@@ -37,9 +61,10 @@ def _targets() -> list[tuple[Any, str, Any, Any]]:
 
 
 def install() -> None:
-    """Make every ``prefetch_related``, ``aiterator()`` with prefetches,
-    ``prefetch_related_objects`` and ``aprefetch_related_objects`` (and Django 6.1's
-    fetch modes) run on the engine. Idempotent; undone by :func:`uninstall`.
+    """Make every ``prefetch_related``, ``prefetch_related_objects`` and
+    ``aprefetch_related_objects`` (and Django 6.1's fetch modes) run on the engine, and
+    ``QuerySet.iterator()`` / ``aiterator()`` with prefetches stream (:mod:`.streaming`).
+    Idempotent; undone by :func:`uninstall`.
     """
     with _lock:
         if _patched:

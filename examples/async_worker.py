@@ -13,12 +13,12 @@ import time
 from django.db.models import Prefetch
 
 import async_prefetch
-from async_prefetch.demo import configure_django, seed
-from async_prefetch.embedded import get_server
+from async_prefetch.devtools.demo.bookstore import configure_django, seed
+from async_prefetch.devtools.embedded import get_server
 
 
 async def render_page(page: int, size: int = 25) -> str:
-    from async_prefetch.demo_app.models import Book, Review
+    from async_prefetch.devtools.demo.models import Book, Review
 
     books = await async_prefetch.aprefetch(
         Book.objects.order_by("title", "pk")[page * size : (page + 1) * size],
@@ -27,8 +27,8 @@ async def render_page(page: int, size: int = 25) -> str:
         "publisher",
         Prefetch("reviews", queryset=Review.objects.filter(stars__gte=4), to_attr="good"),
     )
-    good = sum(len(book.good) for book in books)  # type: ignore[attr-defined]
-    return f"page {page}: {len(books)} books, {good} good reviews"
+    good: list[Review] = [r for book in books for r in book.good]  # type: ignore[attr-defined]
+    return f"page {page}: {len(books)} books, {len(good)} good reviews"
 
 
 async def main() -> None:

@@ -9,7 +9,8 @@ import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
 
-from async_prefetch import bridge
+import async_prefetch
+from async_prefetch.runtime import bridge
 from tests.factories import seed_bookstore
 from tests.testapp.models import Author, Book, EBook
 
@@ -41,6 +42,16 @@ def bookstore(db: None) -> Bookstore:
         author_ids=list(Author.objects.order_by("pk").values_list("pk", flat=True)),
         ebook_id=EBook.objects.get().pk,
     )
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    """Django's own prefetching routed through the engine for the test."""
+    async_prefetch.install()
+    try:
+        yield
+    finally:
+        async_prefetch.uninstall()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 from django.db import connection
 
-from async_prefetch.pools import pool_stats
+from async_prefetch.execution.pools import pool_stats
 
 
 def checked_out(stats: dict[str, dict[str, int]]) -> int:
@@ -36,15 +36,24 @@ async def discarded_connections() -> int:
     return sum(stats.get("returns_bad", 0) for stats in pool_stats().values())
 
 
-def sleepers() -> int:
-    """Queries of other connections still sleeping in ``pg_sleep(5)`` in the server."""
+def _activity(condition: str) -> int:
+    """Sessions of other connections in ``pg_stat_activity`` matching ``condition``."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-            " AND query LIKE '%%pg_sleep(5)%%' AND pid <> pg_backend_pid()"
+            f"SELECT count(*) FROM pg_stat_activity WHERE {condition} AND pid <> pg_backend_pid()"
         )
         (count,) = cursor.fetchone()
     return int(count)
+
+
+def sleepers() -> int:
+    """Queries of other connections still sleeping in ``pg_sleep(5)`` in the server."""
+    return _activity("state = 'active' AND query LIKE '%%pg_sleep(5)%%'")
+
+
+def busy_engine_connections() -> int:
+    """The engine's pooled connections that are not idle (a query, an open transaction)."""
+    return _activity("application_name = 'async_prefetch' AND state <> 'idle'")
 
 
 def state_of(books: list[Any]) -> list[Any]:

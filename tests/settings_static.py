@@ -14,11 +14,12 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "tests.testapp",
+    "tests.memoapp",
     "taggit",
     "modelcluster",
     "tests.thirdparty",
     # Installed so that mypy's Django plugin (which reads these settings) can type the demo.
-    "async_prefetch.demo_app",
+    "async_prefetch.devtools.demo",
 ]
 USE_TZ = True
 TIME_ZONE = "America/Chicago"  # not UTC on purpose: catches naive/aware datetime bugs

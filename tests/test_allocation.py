@@ -21,7 +21,7 @@ import pytest
 from django.db.models import Prefetch, prefetch_related_objects
 
 import async_prefetch
-from async_prefetch import bridge
+from async_prefetch.runtime import bridge
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, Review
 

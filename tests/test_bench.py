@@ -13,10 +13,13 @@ import pstats
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from async_prefetch.bench.runner import PROFILER_PER_THREAD, SIDES
-from async_prefetch.bench.workloads import NAMES
-from async_prefetch.embedded import ENV_SOURCE, get_server
+from async_prefetch.devtools.bench import stream
+from async_prefetch.devtools.bench.runner import PROFILER_PER_THREAD, SIDES
+from async_prefetch.devtools.bench.workloads import NAMES
+from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +45,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    done = run_bench("--out", str(out))
+    done = run_bench("--workloads", *NAMES, "--out", str(out))
 
     report = json.loads((out / "results.json").read_text())
     assert report["ok"] is True
@@ -88,8 +91,75 @@ def test_profile_covers_the_engine_on_this_python(tmp_path: Path) -> None:
     paths = [out / f"profile-fanout-100-{label}.prof" for label in labels]
     assert all(path.exists() for path in paths), sorted(p.name for p in out.iterdir())
     functions = pstats.Stats(str(paths[0])).stats  # type: ignore[attr-defined]
-    assert any(
-        filename.endswith("async_prefetch/engine.py") and name == "run_prefetch"
-        for filename, _, name in functions
-    )
+    library = [f for f, _, name in functions if name == "run_prefetch" and "/async_prefetch/" in f]
+    assert library, "the engine's run_prefetch is not in the profile"
+    assert "/devtools/" not in library[0]
     assert "engine runs on" in done.stdout
+
+
+def test_quick_stream_checks_every_side_and_measures_their_memory(tmp_path: Path) -> None:
+    """The ``stream`` workload: every side streams every book, each run's ids checked equal
+    to Django's iterator's; one peak-memory child per side."""
+    out = tmp_path / "stream"
+    done = run_bench("--workloads", "stream", "--rtts", "1", "--books", "600", "--out", str(out))
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["ok"] is True
+    [result] = report["results"]
+    assert (result["workload"], result["kind"], result["rtt_ms"]) == ("stream", "stream", 1.0)
+    assert result["error"] is None
+    assert result["roots"] == 600
+    # Chunks of 250: the root query and 4 prefetch queries for each of 3 chunks; the
+    # engine's prefetch queries, the same 12 (its root rows come from its own cursor).
+    assert result["django_queries"] == 1 + 3 * 4
+    assert result["engine_queries"] == 3 * 4
+    assert list(result["median_ms"]) == list(stream.SIDES)
+    assert all(len(samples) == 2 for samples in result["samples_ms"].values())
+    memory = {m["side"]: m for m in report["memory"]}
+    assert list(memory) == list(stream.SIDES)
+    assert all(m["roots"] == 600 and m["peak_kib"] >= m["baseline_kib"] for m in memory.values())
+
+    markdown = (out / "results.md").read_text()
+    assert "## Stream" in markdown
+    assert "## Peak memory" not in markdown  # no prefetch workload ran
+    assert "| workload | RTT ms |" not in markdown
+    assert "FAILURES" not in markdown
+    assert "| 1 | 2 | 600 |" in done.stdout
+
+
+def _book(pk: int, categories: list[int], translator: int | None = 7) -> Any:
+    def related(id_: int) -> SimpleNamespace:
+        return SimpleNamespace(pk=id_)
+
+    manager = SimpleNamespace(all=lambda: [related(c) for c in categories])
+    return SimpleNamespace(
+        pk=pk,
+        author=related(5),
+        translator=None if translator is None else related(translator),
+        publisher=related(3),
+        categories=manager,
+    )
+
+
+def test_stream_digest_tells_the_first_differing_chunk() -> None:
+    """The check between sides: category order does not count (django-memoized-prefetch
+    caches a set), a missing category or translator does, and is placed in its chunk."""
+    books = [_book(pk, [pk % 5, pk % 7 + 10]) for pk in range(10)]
+    reference = stream.consume(books, chunk_size=4)
+    assert reference.books == 10
+    assert len(reference.chunk_hashes) == 3
+
+    reordered = [_book(pk, [pk % 7 + 10, pk % 5]) for pk in range(10)]
+    assert reference.difference(stream.consume(reordered, 4), 4) is None
+
+    lost_category = [*books[:5], _book(5, [0]), *books[6:]]
+    assert reference.difference(stream.consume(lost_category, 4), 4) == (
+        "books 4..7 (in stream order) differ"
+    )
+    lost_translator = [*books[:9], _book(9, [4, 12], translator=None)]
+    assert reference.difference(stream.consume(lost_translator, 4), 4) == (
+        "books 8..9 (in stream order) differ"
+    )
+    assert reference.difference(stream.consume(books[:8], 4), 4) == (
+        f"8 books (id sum {stream.consume(books[:8], 4).id_sum}), expected 10 ({reference.id_sum})"
+    )

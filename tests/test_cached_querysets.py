@@ -18,7 +18,8 @@ import pytest
 from django.db.models import Model, Q, QuerySet, prefetch_related_objects
 
 import async_prefetch
-from async_prefetch import _compat, cached_querysets
+from async_prefetch import _compat
+from async_prefetch.hydration import cached_querysets, queryset_template
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
 from tests.differential import check_sync, fresh
@@ -170,7 +171,7 @@ def test_template_state_decides_what_is_shared(bookstore: Bookstore) -> None:
     template: Any = _compat.related_manager_queryset(book.pages)
     template.marker = "shared"
     template.scratch = []
-    make = cached_querysets._queryset_maker(template)
+    make = queryset_template.queryset_factory(template)
     assert make is not None
     made: Any = make(other, {"book": other}, {})
     assert made.marker is template.marker
@@ -180,13 +181,13 @@ def test_template_state_decides_what_is_shared(bookstore: Bookstore) -> None:
     assert list(vars(made)) == list(vars(template))  # Django's attribute order
 
     template.scratch.append(1)  # mutable state every parent would share
-    assert cached_querysets._queryset_maker(template) is None
+    assert queryset_template.queryset_factory(template) is None
     del template.scratch
     template._result_cache = [other]  # an evaluated template: not a manager's fresh queryset
-    assert cached_querysets._queryset_maker(template) is None
+    assert queryset_template.queryset_factory(template) is None
     template._result_cache = None
     for name in ("not an identifier", "class", "__debug__", "\ufb01"):  # the last is NFKC "fi"
         setattr(template, name, 1)
-        assert cached_querysets._queryset_maker(template) is None, name
+        assert queryset_template.queryset_factory(template) is None, name
         delattr(template, name)
-    assert cached_querysets._queryset_maker(template) is not None
+    assert queryset_template.queryset_factory(template) is not None

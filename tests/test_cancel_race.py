@@ -16,19 +16,14 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
-from django.db.models import Prefetch
 
 import async_prefetch
-from async_prefetch import bridge, executor
+from async_prefetch.execution import pool as executor
+from async_prefetch.runtime import bridge
 from tests.factories import seed_bookstore
 from tests.run_state import discarded_connections, settle_pool, sleepers
-from tests.testapp.models import Book, Review
-
-SLEEPING = Prefetch(
-    "reviews",
-    queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
-    to_attr="never",
-)
+from tests.server_time import SLEEPING
+from tests.testapp.models import Book
 
 
 def stop_idle_backends() -> list[int]:

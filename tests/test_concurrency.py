@@ -15,6 +15,7 @@ import pytest
 from django.db.models import Prefetch, QuerySet
 
 import async_prefetch
+from async_prefetch.runtime import bridge
 from tests.factories import seed_bookstore
 from tests.server_time import SLEEP, slow, start_of
 from tests.testapp.models import Author, Book, Location, Page, Review
@@ -85,7 +86,9 @@ def test_each_fetch_starts_before_the_next_sibling_is_compiled(
     """Compiling is CPU work on the event loop: a level's fetch task starts (it takes a
     connection and sends its query as soon as the limiter and the pool let it) before
     the next sibling's query is built and compiled, not after every sibling is."""
-    from async_prefetch import compiler, engine, executor
+    from async_prefetch.execution import pool as executor
+    from async_prefetch.runtime import decide, scheduler
+    from async_prefetch.sql import compiler
 
     seed_bookstore()
     events: list[str] = []
@@ -99,7 +102,8 @@ def test_each_fetch_starts_before_the_next_sibling_is_compiled(
         events.append(f"fetch {query.model.__name__}")
         await fetch(self, query, consume)
 
-    monkeypatch.setattr(engine, "compile_queryset", logged_compile)
+    monkeypatch.setattr(scheduler, "compile_queryset", logged_compile)  # the root query
+    monkeypatch.setattr(decide, "compile_queryset", logged_compile)  # each level's
     monkeypatch.setattr(executor.PoolExecutor, "fetch", logged_fetch)
     async_prefetch.prefetch(Book.objects.order_by("pk"), "pages", "reviews", "editions")
     assert events == [
@@ -127,7 +131,7 @@ def test_max_concurrency_holds_for_a_querysets_own_lookups() -> None:
     ]
     # Connections enough for every query: only the limit may hold them back.
     with override_settings(ASYNC_PREFETCH={"MAX_CONCURRENCY": 2, "POOL": {"MIN_SIZE": 6}}):
-        async_prefetch.bridge.run_sync(async_prefetch.aclose)
+        bridge.run_sync(async_prefetch.aclose)
         books: list[Any] = async_prefetch.prefetch(Book.objects.order_by("pk"), *lookups)
     pages = [page for book in books for page in book.slow]
     starts = sorted(

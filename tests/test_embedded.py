@@ -1,4 +1,4 @@
-"""async_prefetch.embedded: URL parsing, the session server, and each embedded source."""
+"""async_prefetch.devtools.embedded: URL parsing, the session server, and each embedded source."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ from django.db import connection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from async_prefetch import embedded
-from async_prefetch.embedded import ServerInfo, get_server, parse_database_url, start_server
+from async_prefetch.devtools import embedded
+from async_prefetch.devtools.embedded import (
+    ServerInfo,
+    get_server,
+    parse_database_url,
+    start_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # .ci/run installs PostgreSQL if a machine lacks it; pgserver has no wheels for Python >= 3.13.
@@ -199,7 +204,7 @@ def test_get_server_stops_and_removes_when_the_process_ends(source: str, exit_co
     env[embedded.ENV_SOURCE] = source
     code = (
         "import os, signal\n"
-        "from async_prefetch.embedded import get_server\n"
+        "from async_prefetch.devtools.embedded import get_server\n"
         "print(get_server().host, flush=True)\n" + exit_code
     )
     result = subprocess.run(

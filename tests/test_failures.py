@@ -11,15 +11,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import DataError, OperationalError
 from django.db.models import Prefetch, prefetch_related_objects
-from django.db.models.expressions import RawSQL
 
 import async_prefetch
-from async_prefetch import bridge
-from async_prefetch.compiler import compile_queryset
-from async_prefetch.engine import _primary_error
-from async_prefetch.executor import PoolExecutor
-from async_prefetch.journal import Journal
-from async_prefetch.pools import get_pool
+from async_prefetch.execution import PoolExecutor
+from async_prefetch.execution.pools import get_pool
+from async_prefetch.runtime import bridge
+from async_prefetch.runtime.errors import primary_error
+from async_prefetch.runtime.journal import Journal
+from async_prefetch.sql.compiler import compile_queryset
 from tests.factories import seed_bookstore
 from tests.run_state import (
     discarded_connections,
@@ -27,24 +26,10 @@ from tests.run_state import (
     sleepers,
     state_of,
 )
-from tests.testapp.models import Book, Page, Review
+from tests.server_time import FAILING, SLEEPING
+from tests.testapp.models import Book, Page
 
-# Fails in the server after 0.2 s, when the fast siblings have long been hydrated: the
-# divisor is only known at run time (a constant ``1 / 0`` fails while planning, at once).
-FAILING = Prefetch(
-    "reviews",
-    queryset=Review.objects.annotate(
-        boom=RawSQL("(SELECT 1 / (random() * 0)::int FROM pg_sleep(0.2))", ())
-    ),
-    to_attr="boom_reviews",
-)
 FAST = ["pages", "authors__location", "publisher", "tags"]
-# Keeps the server busy for 5 s: cancelled long before.
-SLEEPING = Prefetch(
-    "reviews",
-    queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
-    to_attr="never",
-)
 
 
 def fresh_books() -> list[Any]:
@@ -277,7 +262,7 @@ async def test_other_failures_of_the_group_stay_reachable() -> None:
     first, second = DataError("division by zero"), OperationalError("server closed")
     first.__cause__ = cause = ZeroDivisionError()
     group = BaseExceptionGroup("run", [asyncio.CancelledError(), first, second])
-    error = _primary_error(group)
+    error = primary_error(group)
     assert error is first
     assert error.__cause__ is cause
     assert error.__notes__ == [

@@ -10,7 +10,7 @@ import pytest
 from django.db import connections
 
 import async_prefetch
-from async_prefetch import api
+from async_prefetch import api, dispatch
 from tests.testapp.models import Book
 
 ALIAS = "sqlite_fallback"
@@ -28,7 +28,7 @@ def sqlite_alias() -> Iterator[str]:
     finally:
         del connections[ALIAS]
         del connections.settings[ALIAS]
-        api._warned_aliases.discard(ALIAS)
+        dispatch._warned_aliases.discard(ALIAS)
 
 
 def test_non_postgresql_alias_falls_back_to_django_with_one_warning(

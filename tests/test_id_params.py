@@ -20,9 +20,10 @@ from django.db import connection
 from django.db.models import F, Model, QuerySet, Value
 from django.db.models.lookups import In
 
-from async_prefetch.builders import _filter_by_parents, build_relation_query
-from async_prefetch.compiler import compile_queryset
-from async_prefetch.lookups import AnyOf, _plain, any_instead_of_in, plain_values
+from async_prefetch.relations import build_relation_query
+from async_prefetch.relations.parents import filter_by_parents
+from async_prefetch.sql.any_of import AnyOf, _plain, any_instead_of_in, plain_values
+from async_prefetch.sql.compiler import compile_queryset
 from tests.conftest import Bookstore
 from tests.testapp.models import Author, Book, EBook, Edition, Page, Publisher, Review, Tag
 
@@ -69,7 +70,7 @@ def filtered_by_keys(
     for number, parent in enumerate(parents, 1):  # saved, as the filter requires
         if parent.pk is None:
             parent.pk = number
-    ours = _filter_by_parents(
+    ours = filter_by_parents(
         model._default_manager.all(), fk.name, fk.foreign_related_fields, parents
     )
     return ours, model._default_manager.filter(**{f"{fk.name}__{target.name}__in": keys})

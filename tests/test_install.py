@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import django.db.models
@@ -25,15 +24,6 @@ def sleeping_lookups() -> list[Prefetch[Any]]:
         Prefetch("pages", queryset=slow(Page.objects.all()), to_attr=f"pages_{i}")
         for i in range(SIBLINGS)
     ]
-
-
-@pytest.fixture
-def installed() -> Iterator[None]:
-    async_prefetch.install()
-    try:
-        yield
-    finally:
-        async_prefetch.uninstall()
 
 
 def timed(func: Any) -> tuple[Any, float]:

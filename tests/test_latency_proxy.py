@@ -1,7 +1,8 @@
-"""Tests for async_prefetch.bench.latency_proxy against a real PostgreSQL.
+"""Tests for async_prefetch.devtools.latency_proxy against a real PostgreSQL.
 
 No Django database access: the tests talk to the server from
-:func:`async_prefetch.embedded.get_server` with plain psycopg, through the proxy subprocess.
+:func:`async_prefetch.devtools.embedded.get_server` with plain psycopg, through the proxy
+subprocess.
 
 Timing assertions are chosen to be robust on a small, noisy machine: lower bounds are
 asserted on every run (the proxy never delivers early and noise only makes things slower);
@@ -26,8 +27,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from async_prefetch.bench.latency_proxy import LatencyProxyProcess, Upstream
-from async_prefetch.embedded import ServerInfo, get_server
+from async_prefetch.devtools.embedded import ServerInfo, get_server
+from async_prefetch.devtools.latency_proxy import LatencyProxyProcess, Upstream
 
 RTT_MS = 20.0
 RTT = RTT_MS / 1000.0

@@ -17,9 +17,10 @@ from django.db.models import Field, ForeignKey, Model
 from django.db.models.fields import AutoFieldMixin
 from django.db.models.fields.related import ForeignObject
 
-from async_prefetch.builders import ValueKey, build_relation_query, key_values
-from async_prefetch.compiler import compile_queryset
-from async_prefetch.hydrator import row_builder
+from async_prefetch.hydration.rows import row_builder
+from async_prefetch.relations import build_relation_query
+from async_prefetch.relations.base import ValueKey, key_values
+from async_prefetch.sql.compiler import compile_queryset
 from tests.conftest import Bookstore
 from tests.testapp.models import Author, Book, EBook, Tag
 

@@ -8,7 +8,6 @@ manager that prefetches therefore works with ``values()`` in ordinary code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,15 +20,6 @@ from tests.conftest import Bookstore
 from tests.testapp.models import Book, Location
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def installed() -> Iterator[None]:
-    async_prefetch.install()
-    try:
-        yield
-    finally:
-        async_prefetch.uninstall()
 
 
 def lists() -> dict[str, Any]:

@@ -18,13 +18,13 @@ import psycopg
 import pytest
 from django.db import OperationalError, connections
 
-import async_prefetch
-from async_prefetch import bridge
-from async_prefetch.compiler import compile_queryset
-from async_prefetch.embedded import RunningServer, find_postgres_bindir, start_server
-from async_prefetch.executor import PoolExecutor
-from async_prefetch.pools import close_pools, pool_stats
-from tests.testapp.models import Book, Page
+from async_prefetch.devtools.embedded import RunningServer, find_postgres_bindir, start_server
+from async_prefetch.execution import PoolExecutor
+from async_prefetch.execution.pools import close_pools, pool_stats
+from async_prefetch.runtime import bridge
+from async_prefetch.sql.compiler import compile_queryset
+from tests.testapp.models import Page
+from tests.throwaway import engine_alias, page_numbers
 
 ALIAS = "outage"
 TIMEOUT = 10.0  # the pool's: a fast failure takes a small fraction of it
@@ -101,25 +101,8 @@ def server() -> Iterator[Server]:
 def alias(server: Server, settings: Any) -> Iterator[str]:
     """An alias for the throw-away server (only the engine's pool uses it)."""
     settings.ASYNC_PREFETCH = {"POOL": {"TIMEOUT": TIMEOUT}}
-    connections.settings[ALIAS] = {
-        **connections["default"].settings_dict,
-        **server.running.info.django_database(OPTIONS={}),
-    }
-    try:
-        yield ALIAS
-    finally:
-        bridge.run_sync(close_pools)
-        del connections[ALIAS]
-        del connections.settings[ALIAS]
-
-
-def page_numbers(alias: str) -> list[int]:
-    """Page numbers of book 1 (an unsaved instance on ``alias``), prefetched by the engine."""
-    book = Book(pk=1)
-    book._state.db = alias
-    book._state.adding = False
-    async_prefetch.prefetch_related_objects([book], "pages")
-    return [page.number for page in book.pages.all()]
+    with engine_alias(ALIAS, server.running.info.django_database(OPTIONS={})) as alias:
+        yield alias
 
 
 def failing_fast(alias: str) -> OperationalError:

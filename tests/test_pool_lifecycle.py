@@ -15,11 +15,9 @@ import psycopg
 import pytest
 from django.db import connections
 
-import async_prefetch
-from async_prefetch import bridge
-from async_prefetch.embedded import RunningServer, start_server
-from async_prefetch.pools import application_name, close_pools
-from tests.testapp.models import Book
+from async_prefetch.devtools.embedded import RunningServer, start_server
+from async_prefetch.execution.pools import application_name
+from tests.throwaway import engine_alias, page_numbers
 
 ALIAS = "lifecycle"
 PAGE_TABLE = (
@@ -48,25 +46,8 @@ def server() -> Iterator[RunningServer]:
 @pytest.fixture
 def alias(server: RunningServer) -> Iterator[str]:
     """An alias for ``db_a`` on the throw-away server (only the engine's pool uses it)."""
-    connections.settings[ALIAS] = {
-        **connections["default"].settings_dict,
-        **server.info.django_database(NAME="db_a", OPTIONS={}),
-    }
-    try:
-        yield ALIAS
-    finally:
-        bridge.run_sync(close_pools)
-        del connections[ALIAS]
-        del connections.settings[ALIAS]
-
-
-def page_numbers(alias: str) -> list[int]:
-    """Page numbers of book 1 (an unsaved instance on ``alias``), prefetched by the engine."""
-    book = Book(pk=1)
-    book._state.db = alias
-    book._state.adding = False
-    async_prefetch.prefetch_related_objects([book], "pages")
-    return [page.number for page in book.pages.all()]
+    with engine_alias(ALIAS, server.info.django_database(NAME="db_a", OPTIONS={})) as alias:
+        yield alias
 
 
 def engine_connections(server: RunningServer) -> list[tuple[str, str]]:

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import async_prefetch
-from async_prefetch import bridge
-from async_prefetch.pools import get_pool
+from async_prefetch.execution.pools import get_pool
+from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.testapp.models import (
     Author,

@@ -17,10 +17,10 @@ from django.db import connections
 from django.db.models import Prefetch
 
 import async_prefetch
-from async_prefetch import bridge
-from async_prefetch.bench.latency_proxy import LatencyProxyProcess
-from async_prefetch.embedded import get_server
-from async_prefetch.pools import close_pools
+from async_prefetch.devtools.embedded import get_server
+from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
+from async_prefetch.execution.pools import close_pools
+from async_prefetch.runtime import bridge
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, Page, Review
 

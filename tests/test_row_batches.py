@@ -19,8 +19,10 @@ from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
-from async_prefetch import bridge, engine, executor
-from async_prefetch.hydrator import row_builder
+from async_prefetch.execution import pool as executor
+from async_prefetch.hydration.rows import row_builder
+from async_prefetch.runtime import bridge
+from async_prefetch.runtime import session as engine
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
 from tests.run_state import checked_out_now, settle_pool, state_of

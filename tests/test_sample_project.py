@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from async_prefetch.embedded import ENV_SOURCE, get_server
+from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
 
 PROJECT = Path(__file__).parent / "sample_project"
 REPOSITORY = Path(__file__).parent.parent

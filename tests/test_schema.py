@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import Prefetch
 from pytest_django import DjangoAssertNumQueries
 
-from async_prefetch import demo
+from async_prefetch.devtools.demo import bookstore as demo
 from tests.conftest import Bookstore
 from tests.factories import seed_bookstore
 from tests.testapp.models import (

@@ -20,27 +20,14 @@ from django.db.models.expressions import RawSQL
 
 import async_prefetch
 from tests.factories import seed_bookstore
+from tests.server_time import FAILING, SLEEPING, slow
 from tests.testapp.models import Author, Book, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Fails in the server after 0.2 s.
-FAILING = Prefetch(
-    "reviews",
-    queryset=Review.objects.annotate(
-        boom=RawSQL("(SELECT 1 / (random() * 0)::int FROM pg_sleep(0.2))", ())
-    ),
-    to_attr="boom_reviews",
-)
 # Succeeds after 0.5 s: still in flight when FAILING's call rolls back.
 SLOW_AUTHORS = Prefetch(
     "authors", queryset=Author.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(0.5))"])
-)
-# Sleeps for 5 s: cancelled long before.
-SLEEPING = Prefetch(
-    "reviews",
-    queryset=Review.objects.extra(where=["EXISTS (SELECT 1 FROM pg_sleep(5))"]),
-    to_attr="never",
 )
 
 
@@ -134,3 +121,60 @@ def test_threads_sharing_instances() -> None:
     assert cached(objs, "authors") == len(objs)
     assert cached(objs, "comments") == 0
     assert not any(hasattr(obj, "boom_reviews") for obj in objs)
+
+
+@pytest.mark.anyio
+async def test_a_relation_another_call_relied_on_survives_its_writers_failure() -> None:
+    """The failing call fetches "authors" first; the second call finds them fetched, walks
+    on and returns relying on them. The failing call's rollback must leave them."""
+    await sync_to_async(seed_bookstore)()
+    objs = await sync_to_async(books)()
+    failing = asyncio.ensure_future(
+        async_prefetch.aprefetch_related_objects(objs, "authors", FAILING)
+    )
+    for _ in range(100):  # until the failing call has filled "authors"
+        await asyncio.sleep(0.01)
+        if cached(objs, "authors") == len(objs):
+            break
+    await async_prefetch.aprefetch_related_objects(objs, "authors__location")
+    with pytest.raises(DataError):
+        await failing
+    assert cached(objs, "authors") == len(objs)
+
+
+@pytest.mark.anyio
+async def test_a_relation_fetched_twice_keeps_the_successful_calls_querysets(
+    settings: Any,
+) -> None:
+    """Both calls fetch "authors" (each decided before the other had written them). The
+    failing call writes first; the successful one writes last and must make querysets of
+    its own, not take the failing call's out of the prefetch cache (Django 6.1's
+    ``manager.get_queryset()`` returns the prefetched one): the failed call's rollback
+    then leaves the successful call's querysets in place."""
+    await sync_to_async(seed_bookstore)()
+    objs = await sync_to_async(books)()
+    fails_late = Prefetch(
+        "reviews",
+        queryset=Review.objects.annotate(
+            boom=RawSQL("(SELECT 1 / (random() * 0)::int FROM pg_sleep(0.6))", ())
+        ),
+        to_attr="late_boom",
+    )
+    # One query at a time per call: the succeeding call's "authors" (decided at once, not
+    # fetched yet) waits behind its slow first lookup and is written after the other's.
+    settings.ASYNC_PREFETCH = {"MAX_CONCURRENCY": 1}
+    succeeding = asyncio.ensure_future(
+        async_prefetch.aprefetch_related_objects(
+            objs, Prefetch("reviews", queryset=slow(Review.objects.all()), to_attr="x"), "authors"
+        )
+    )
+    await asyncio.sleep(0.05)
+    failing = asyncio.ensure_future(
+        async_prefetch.aprefetch_related_objects(objs, "authors", fails_late)
+    )
+    await succeeding
+    mine = [obj._prefetched_objects_cache["authors"] for obj in objs]
+    with pytest.raises(DataError):
+        await failing
+    kept = [getattr(obj, "_prefetched_objects_cache", {}).get("authors") for obj in objs]
+    assert all(a is b for a, b in zip(mine, kept, strict=True))

@@ -18,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import include, path
 
 import async_prefetch
-from async_prefetch.querylog import instrumented_like
+from async_prefetch.execution.querylog import instrumented_like
 from tests.factories import seed_bookstore
 from tests.run_state import state_of
 from tests.testapp.models import Book, Page

@@ -18,7 +18,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 import async_prefetch
-from async_prefetch.unfiltered_query import UnfilteredQuery
+from async_prefetch.hydration.unfiltered_query import UnfilteredQuery
 from tests.conftest import Bookstore
 from tests.testapp.models import Book, Page
 

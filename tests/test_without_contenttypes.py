@@ -53,7 +53,7 @@ Item.objects.bulk_create([Item(shelf=s, label=f"{s.name}{i}") for s in shelves f
 synced = async_prefetch.prefetch(Shelf.objects.order_by("name"), "items")
 awaited = asyncio.run(async_prefetch.aprefetch(Shelf.objects.order_by("name"), "items__shelf"))
 print([[i.label for i in s.items.all()] for s in synced + awaited])
-async_prefetch.bridge.shutdown()
+async_prefetch.runtime.bridge.shutdown()
 """
 
 

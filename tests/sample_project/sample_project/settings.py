@@ -1,6 +1,6 @@
 """Settings of the sample project: the server is ``DATABASE_URL``'s, else an embedded one."""
 
-from async_prefetch.embedded import get_server
+from async_prefetch.devtools.embedded import get_server
 
 SECRET_KEY = "sample-project-not-secret"
 DEBUG = False

@@ -1,1 +1,0 @@
-"""Benchmark tooling for async_prefetch (latency injection, measurement helpers)."""

@@ -1,1 +1,0 @@
-"""The bookstore schema used by ``python -m async_prefetch demo``."""

@@ -1,0 +1,51 @@
+"""What every executor shares: the protocol, rows in batches, Django's error classes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import psycopg
+from django.db import utils as django_db_utils
+from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE
+
+from ..sql.compiler import CompiledQuery
+
+Rows = list[tuple[Any, ...]]
+
+
+RowConsumer = Callable[[Rows], Awaitable[None]]
+
+
+#: Rows converted from a result per batch: as many as Django's iterator reads at once.
+BATCH_ROWS = GET_ITERATOR_CHUNK_SIZE
+
+
+_DJANGO_ERRORS = (
+    django_db_utils.DataError,
+    django_db_utils.OperationalError,
+    django_db_utils.IntegrityError,
+    django_db_utils.InternalError,
+    django_db_utils.ProgrammingError,
+    django_db_utils.NotSupportedError,
+    django_db_utils.DatabaseError,
+    django_db_utils.InterfaceError,
+    django_db_utils.Error,
+)
+
+
+def as_django_error(exc: psycopg.Error) -> Exception:
+    """The ``django.db.utils`` exception Django's error wrapper would raise for ``exc``
+    (raise it ``from exc``). Django's ``DatabaseErrorWrapper`` is not used because it
+    marks its connection as errored: the failing connection here is a pooled one."""
+    for django_type in _DJANGO_ERRORS:
+        if isinstance(exc, getattr(psycopg, django_type.__name__)):
+            return django_type(*exc.args)
+    return exc
+
+
+class Executor(Protocol):
+    """Runs one compiled query and awaits ``consume`` on its rows, in order, in one or
+    more batches (none for an empty result); returns when every row has been consumed."""
+
+    async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None: ...

@@ -1,0 +1,165 @@
+"""Build model instances from fetched rows exactly as Django's ``ModelIterable`` does."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+from weakref import ref as weak_ref
+
+from django.db.models import Model
+from django.db.models.base import ModelState
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
+from django.db.models.query_utils import DeferredAttribute
+from django.db.models.signals import post_init, pre_init
+
+from .. import _compat
+from ..sql.compiler import CompiledQuery
+
+Rows = Sequence[Sequence[Any]]
+RowBuilder = Callable[[Rows], list[Model]]
+
+
+def row_builder(compiled: CompiledQuery) -> RowBuilder:
+    """A function turning successive batches of raw rows for ``compiled`` into model
+    instances, exactly as Django's ``ModelIterable`` does over the whole result.
+
+    Applies field converters, select_related populators, annotations and extra
+    selects, known related objects and (Django 6.1+) fetch modes and peers (shared by
+    every batch), in ``ModelIterable.__iter__``'s order. Only reads existing instances
+    (known related objects); the instances it returns are new.
+    """
+    assert compiled.sql is not None
+    queryset = compiled.queryset
+    compiler = compiled.compiler
+    db = compiled.alias
+    fetch_mode = _compat.queryset_fetch_mode(queryset)
+    select, klass_info, annotation_col_map = (
+        compiler.select,
+        compiler.klass_info,
+        compiler.annotation_col_map,
+    )
+    assert klass_info is not None
+    model_cls = klass_info["model"]
+    select_fields = klass_info["select_fields"]
+    start, end = select_fields[0], select_fields[-1] + 1
+    init_list = [f[0].target.attname for f in select[start:end]]
+    from_db = fast_from_db(model_cls, init_list, fetch_mode) or _compat.from_db_for(
+        model_cls, fetch_mode
+    )
+    populators = _compat.related_populators(klass_info, select, db, fetch_mode)
+    known_related = []
+    for field, related_objs in queryset._known_related_objects.items():  # type: ignore[attr-defined]
+        attnames = [
+            field.attname
+            if from_field == "self"
+            else queryset.model._meta.get_field(from_field).attname
+            for from_field in field.from_fields
+        ]
+        known_related.append((field, related_objs, attnames, operator.attrgetter(*attnames)))
+    check_deferred = _compat.HAS_FETCH_MODES
+    track_peers = _compat.tracks_peers(fetch_mode)
+    peers: list[Any] = []
+    col_count = compiler.col_count if compiler.has_extra_select else None
+
+    plain = not (track_peers or populators or annotation_col_map or known_related)
+    whole_row = start == 0 and end == len(select) and col_count is None
+
+    def build(rows: Rows) -> list[Model]:
+        batch: Any = rows  # results_iter() takes any iterable of rows per batch
+        if col_count is not None:  # trim ordering-only columns, a row at a time as Django
+            batch = (row[:col_count] for row in rows)
+        if plain:  # nothing but the model's own fields
+            rows_out = compiler.results_iter(results=(batch,))
+            if whole_row:
+                return [from_db(db, init_list, row) for row in rows_out]
+            return [from_db(db, init_list, row[start:end]) for row in rows_out]
+        instances: list[Model] = []
+        peers_before = len(peers)
+        try:
+            for row in compiler.results_iter(results=(batch,)):
+                obj = from_db(db, init_list, row[start:end])
+                if track_peers:
+                    peers.append(weak_ref(obj))
+                    obj._state.peers = peers
+                for populator in populators:
+                    populator.populate(row, obj)
+                if annotation_col_map:
+                    for attr_name, col_pos in annotation_col_map.items():
+                        setattr(obj, attr_name, row[col_pos])
+                for field, rel_objs, attnames, rel_getter in known_related:
+                    if field.is_cached(obj):
+                        continue
+                    if check_deferred and any(attname not in obj.__dict__ for attname in attnames):
+                        continue
+                    try:
+                        rel_obj = rel_objs[rel_getter(obj)]
+                    except KeyError:
+                        continue
+                    setattr(obj, field.name, rel_obj)
+                instances.append(obj)
+        except BaseException:
+            del peers[peers_before:]  # a failed batch may be built again (worker thread)
+            raise
+        return instances
+
+    return build
+
+
+PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+"""Descriptors that read a loaded field straight from the instance's ``__dict__``."""
+
+
+def fast_from_db(
+    model: type[Model], init_list: list[str], fetch_mode: Any
+) -> Callable[[str, list[str], Sequence[Any]], Model] | None:
+    """An equivalent of ``model.from_db`` that skips ``Model.__init__``, when that is exact.
+
+    ``from_db`` calls ``__init__``, which sends ``pre_init``/``post_init`` and sets each
+    loaded field with ``setattr``. When the model overrides neither, nobody listens to
+    those signals for it and every loaded field's descriptor is Django's plain one (no
+    ``__set__`` side effects on a fresh instance), the result is an instance whose
+    ``__dict__`` holds ``_state`` (``adding=False``, ``db``, 6.1's fetch mode) and the
+    loaded values, in field order: that is built directly. Otherwise ``None``.
+    """
+    descriptors = {type(getattr(model, attname, None)) for attname in init_list}
+    if (
+        model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
+        or model.__init__ is not Model.__init__
+        or pre_init.has_listeners(model)
+        or post_init.has_listeners(model)
+        or not descriptors.issubset(PLAIN_DESCRIPTORS)
+    ):
+        return None
+    new_instance = object.__new__
+
+    def new_state(db: str) -> ModelState:
+        state = ModelState()
+        state.adding = False
+        state.db = db
+        if fetch_mode is not None:
+            state.fetch_mode = fetch_mode
+        return state
+
+    if descriptors != {DeferredAttribute}:
+        # A foreign key's descriptor stores into __dict__ (materialising it, as
+        # Django's __init__ does through that descriptor): fill it directly.
+        def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
+            obj = new_instance(model)
+            attrs = obj.__dict__
+            attrs["_state"] = new_state(db)
+            attrs.update(zip(field_names, values, strict=True))
+            return obj
+
+        return build_dict
+
+    def build(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
+        # Plain attributes only: set them one by one, so that the instance keeps
+        # CPython's compact attribute storage (no __dict__ object), as Django's does.
+        obj = new_instance(model)
+        obj._state = new_state(db)
+        for name, value in zip(field_names, values, strict=True):
+            setattr(obj, name, value)
+        return obj
+
+    return build

@@ -1,0 +1,2 @@
+"""Planning: prefetch lookups as an ordered graph of levels (Django's serial order
+kept where it matters), and Django's errors for bad lookups."""

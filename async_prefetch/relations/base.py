@@ -1,0 +1,188 @@
+"""What every relation kind builds: the unevaluated query, its match keys and link-back.
+
+A kind's builder returns a :class:`RelationQuery`: the queryset Django's
+``get_prefetch_querysets()`` would build, left unevaluated, the key functions that match
+related rows to parents, and ``link_back``, the reverse-cache writes Django's evaluating
+builders make. Key functions read plainly stored fields at C speed (:class:`ValueKey`).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Model, QuerySet
+from django.db.models.fields.mixins import FieldCacheMixin
+
+from ..hydration.rows import PLAIN_DESCRIPTORS
+
+KeyFunc = Callable[[Model], Hashable]
+Deriver = Callable[[Model], "QuerySet[Any] | None"]
+"""Makes a parent's cached queryset, or ``None`` for Django's own path."""
+
+
+@dataclass(eq=False)
+class RelationQuery:
+    """What ``get_prefetch_querysets()`` returns, with the queryset left unevaluated.
+
+    ``link_back(related_objects)`` writes the related objects' caches back to their
+    parents, what Django's builders do while evaluating the queryset, and returns each
+    object's ``rel_obj_attr`` key (in order) for the level to group them by. Because they
+    evaluate it, the queryset's own ``prefetch_related()`` lookups run *before* those
+    writes there, so the engine runs ``additional_lookups`` (already removed from the
+    queryset) before ``link_back`` when ``link_back`` is set, and after otherwise.
+    """
+
+    queryset: QuerySet[Any]
+    rel_obj_attr: KeyFunc
+    instance_attr: KeyFunc
+    single: bool
+    cache_name: str
+    is_descriptor: bool
+    link_back: Callable[[list[Model]], list[Hashable]] | None = None
+    additional_lookups: list[Any] = field(default_factory=list)
+
+
+def only_queryset(querysets: Sequence[QuerySet[Any]] | None) -> QuerySet[Any] | None:
+    if querysets and len(querysets) != 1:
+        raise ValueError(
+            "querysets argument of get_prefetch_querysets() should have a length of 1."
+        )
+    return querysets[0] if querysets else None
+
+
+def descriptor_queryset(
+    descriptor: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> QuerySet[Any]:
+    """The ``Prefetch`` queryset (with the first instance as routing hint) or the
+    descriptor's default one, as Django's one-to-one and forward builders pick it."""
+    queryset = only_queryset(querysets)
+    if queryset is None:
+        return descriptor.get_queryset(instance=instances[0])  # type: ignore[no-any-return]
+    queryset._add_hints(instance=instances[0])  # type: ignore[attr-defined]
+    return queryset
+
+
+def linker(
+    field: Any, rel_obj_attr: KeyFunc, instances_dict: dict[Any, Model], *, keep_cached: bool
+) -> Callable[[list[Model]], list[Hashable]]:
+    """``link_back``: cache each related object's parent on ``field``, as Django's
+    evaluating builders do (the reverse FK one leaves already-cached values alone), and
+    return the objects' keys. Each key is read once, here: the grouping that follows
+    in Django reads the same key again."""
+    kind = type(field)
+    if (
+        kind.is_cached is not FieldCacheMixin.is_cached
+        or kind.set_cached_value is not FieldCacheMixin.set_cached_value
+    ):
+
+        def link_back_via_field(related: list[Model]) -> list[Hashable]:
+            keys = []
+            for rel_obj in related:
+                key = rel_obj_attr(rel_obj)
+                keys.append(key)
+                if not (keep_cached and field.is_cached(rel_obj)):
+                    field.set_cached_value(rel_obj, instances_dict[key])
+            return keys
+
+        return link_back_via_field
+    cache_name = field.cache_name
+
+    def link_back(related: list[Model]) -> list[Hashable]:
+        # FieldCacheMixin's is_cached() and set_cached_value(), inlined.
+        keys = key_values(rel_obj_attr, related)
+        for rel_obj, key in zip(related, keys, strict=True):
+            fields_cache = rel_obj._state.fields_cache
+            if not (keep_cached and cache_name in fields_cache):
+                fields_cache[cache_name] = instances_dict[key]
+        return keys
+
+    return link_back
+
+
+def match_keys(
+    related_model: type[Model],
+    related_fields: Sequence[Any],
+    parent_model: type[Model],
+    parent_fields: Sequence[Any],
+    django_keys: tuple[KeyFunc, KeyFunc],
+) -> tuple[KeyFunc, KeyFunc]:
+    """``(rel_obj_attr, instance_attr)``: Django's key functions, or when both sides are
+    one plainly stored field, functions returning that value itself (no tuple, no
+    descriptor call) for instances of exactly those models. Either both or neither."""
+    related_key = scalar_key(related_model, related_fields, django_keys[0])
+    parent_key = scalar_key(parent_model, parent_fields, django_keys[1])
+    if related_key is None or parent_key is None:
+        return django_keys
+    return related_key, parent_key
+
+
+def scalar_key(
+    model: type[Model], fields: Sequence[Any], django_key: KeyFunc, *, ints_only: bool = False
+) -> KeyFunc | None:
+    """What ``ForeignObject.get_instance_value_for_fields`` reads, as a scalar, or ``None``
+    when that is not one plainly stored field of ``model``."""
+    if len(fields) != 1:
+        return None
+    field = fields[0]
+    if field.primary_key and model._meta.pk is not field:
+        return None  # Django reads instance.pk (a parent link under inheritance)
+    if type(getattr(model, field.attname, None)) not in PLAIN_DESCRIPTORS:
+        return None
+    return ValueKey(model, field.attname, django_key, ints_only=ints_only)
+
+
+class ValueKey:
+    """A match key: ``getattr(obj, attname)`` for instances of exactly ``model`` (with
+    ``ints_only``: when that is an ``int``), else the single value of Django's tuple key.
+    Reading an unloaded field loads it, as Django's key does. :meth:`many` reads a whole
+    list at C speed."""
+
+    __slots__ = ("_django_key", "_ints_only", "_model", "_read")
+
+    def __init__(
+        self, model: type[Model], attname: str, django_key: KeyFunc, *, ints_only: bool
+    ) -> None:
+        self._model = model
+        self._read = operator.attrgetter(attname)
+        self._django_key = django_key
+        self._ints_only = ints_only
+
+    def __call__(self, obj: Any) -> Hashable:
+        if type(obj) is self._model:
+            value: Hashable = self._read(obj)
+            if not self._ints_only or type(value) is int:
+                return value
+        django_value: Hashable = self._django_key(obj)[0]  # type: ignore[index]
+        return django_value
+
+    def many(self, objs: Sequence[Any]) -> list[Hashable]:
+        """``[self(obj) for obj in objs]``."""
+        if set(map(type, objs)) <= {self._model}:
+            values: list[Hashable] = list(map(self._read, objs))
+            if not self._ints_only or set(map(type, values)) <= {int}:
+                return values
+            django_key = self._django_key
+            return [
+                value if type(value) is int else django_key(obj)[0]  # type: ignore[index]
+                for obj, value in zip(objs, values, strict=True)
+            ]
+        return list(map(self, objs))
+
+
+def key_values(key: KeyFunc, objs: Sequence[Any]) -> list[Hashable]:
+    """``[key(obj) for obj in objs]``: in one pass for a :class:`ValueKey`."""
+    if type(key) is ValueKey:
+        return key.many(objs)
+    return list(map(key, objs))
+
+
+def take_additional_lookups(rel_qs: Any) -> list[Any]:
+    """Copy the ``prefetch_related()`` lookups off ``rel_qs`` and clear them, as Django does."""
+    lookups = [copy.copy(lookup) for lookup in getattr(rel_qs, "_prefetch_related_lookups", ())]
+    if lookups:
+        rel_qs._prefetch_related_lookups = ()
+    return lookups

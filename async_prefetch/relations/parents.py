@@ -1,0 +1,75 @@
+"""Filtering a to-many relation's queryset by its parents, shared by the reverse foreign
+key and many-to-many kinds: Django's filter, with the parents' key values sent as one
+``= ANY`` array."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from django.db.models import Model, Q, QuerySet
+
+from .. import _compat
+from ..sql.any_of import any_instead_of_in, plain_values
+from .base import only_queryset
+
+
+def filter_by_parents(
+    queryset: Any, path: str, targets: Sequence[Any], instances: list[Model]
+) -> Any:
+    """Django's ``_compat.filter_prefetch_queryset(queryset, path, instances)``, filtering on
+    the parents' key values (``path__target__in``: a plain ``In`` on the same column)
+    rather than on the parents (a ``RelatedIn`` that reads each key back out of each
+    instance and prepares it twice: 46 against 19 ms for 20,000 parents), then sent as
+    ``= ANY``. ``targets`` are the parent fields the relation's column refers to.
+
+    Sliced querysets (a ``ROW_NUMBER()`` window), multi-column keys, parents that are not
+    instances of the relation's model (a mixed list) and parents without a primary key keep
+    Django's own filter, which raises its error for the last two before any query (even
+    when the relation's key is another field).
+    """
+    target = targets[0] if len(targets) == 1 else None
+    if (
+        target is None
+        or queryset.query.is_sliced
+        or not _all_instances_of(target.model, instances)
+        or not all(instance._is_pk_set() for instance in instances)  # type: ignore[attr-defined]
+    ):
+        return _compat.filter_prefetch_queryset(queryset, path, instances)
+    values = list(map(operator.attrgetter(target.attname), instances))
+    lookup = f"{path}__{target.name}__in"
+    if len(values) > 1 and plain_values(values):
+        # Django's filter for the first value only (its joins, lookup and column),
+        # then all the values prepared at once: Django's filter resolves and
+        # prepares each value through several calls (about 0.8 us per value).
+        probe = queryset.query.clone()
+        probe.add_q(Q(**{lookup: values[:1]}), reuse_all=True)
+        if any_instead_of_in(probe, values):
+            queryset.query = probe
+            return queryset
+    # As Django's filter: reuse every join already in the query.
+    queryset.query.add_q(Q(**{lookup: values}), reuse_all=True)
+    any_instead_of_in(queryset.query)
+    return queryset
+
+
+def _all_instances_of(model: type[Model], instances: list[Model]) -> bool:
+    """True when every instance is a ``model`` (or a subclass of it): their key values
+    are then the values of ``model``'s fields, which Django's filter would check."""
+    return all(issubclass(kind, model) for kind in set(map(type, instances)))
+
+
+def manager_queryset(
+    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> Any:
+    """The queryset a to-many related manager's ``get_prefetch_querysets()`` starts from:
+    the ``Prefetch`` queryset or the default one, hinted with the first parent and
+    bound to its database."""
+    queryset: Any = only_queryset(querysets)
+    if queryset is None:
+        # The related manager subclasses the default manager: its parent's
+        # get_queryset() is the unfiltered default queryset.
+        queryset = super(type(manager), manager).get_queryset()
+    queryset._add_hints(instance=instances[0])
+    return queryset.using(queryset._db or manager._db)

@@ -1,0 +1,65 @@
+"""Reverse foreign key (``book.pages``): builder, match keys and cached-queryset deriver."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.core.exceptions import FieldError
+from django.db.models import Model, QuerySet
+
+from ..hydration.queryset_template import queryset_factory
+from .base import Deriver, RelationQuery, linker, match_keys
+from .parents import filter_by_parents, manager_queryset
+
+
+def build(
+    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+) -> RelationQuery:
+    """Reverse foreign key (``book.pages``), through the related model's default manager."""
+    fk = manager.field
+    queryset = manager_queryset(manager, instances, querysets)
+    rel_obj_attr, instance_attr = match_keys(
+        queryset.model,
+        fk.local_related_fields,
+        type(instances[0]),
+        fk.foreign_related_fields,
+        (fk.get_local_related_value, fk.get_foreign_related_value),
+    )
+    instances_dict = {instance_attr(inst): inst for inst in instances}
+    queryset = filter_by_parents(queryset, fk.name, fk.foreign_related_fields, instances)
+    link_back = linker(fk, rel_obj_attr, instances_dict, keep_cached=True)
+    return RelationQuery(
+        queryset,
+        rel_obj_attr,
+        instance_attr,
+        single=False,
+        cache_name=fk.remote_field.cache_name,
+        is_descriptor=False,
+        link_back=link_back,
+    )
+
+
+def derive_cached_querysets(
+    descriptor: Any, manager: Any, template: QuerySet[Any]
+) -> Deriver | None:
+    """Reverse foreign key: ``RelatedManager._apply_rel_filters`` with the parent swapped."""
+    field = descriptor.field
+    try:
+        target_attname = field.target_field.attname
+    except FieldError:  # multi-column relation
+        return None
+    name = field.name
+    new_queryset = queryset_factory(template)
+    if new_queryset is None:
+        return None
+
+    def derive(parent: Model) -> QuerySet[Any] | None:
+        # A null key (Django returns .none()): Django's path. The key is loaded: the
+        # level matched rows on it.
+        value = getattr(parent, target_attname)
+        if value is None:
+            return None
+        return new_queryset(parent, {name: parent}, {field: {value: parent}})
+
+    return derive

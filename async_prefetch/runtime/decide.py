@@ -1,0 +1,105 @@
+"""Django's per-level decision: fetch, serve from a memo, walk on, or stop.
+
+For each level the scheduler starts, :func:`decide` does what one step of Django's
+``prefetch_related_objects`` loop does before its query: ``get_prefetcher()`` on the first
+object, ``is_fetched`` per object, Django's errors, and for the objects to fetch the
+level's queries (one per chunk of parent keys), built by the relation kinds and compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db.models import Model
+from django.db.models.query import get_prefetcher
+
+from ..hydration.caches import accept_caches, check_to_attr, traverse
+from ..planning.errors import cannot_find, not_prefetchable
+from ..planning.plan import Level
+from ..relations import RelationQuery
+from ..relations.chunks import relation_queries
+from ..sql.compiler import CompiledQuery, compile_queryset
+from .memo import MemoLevel, memo_level
+from .session import Session
+from .trace import StepTrace
+
+
+@dataclass(eq=False)
+class Part:
+    """One query of a level: all of its parents, or one chunk of a long key list."""
+
+    relation: RelationQuery
+    compiled: CompiledQuery
+    related: list[Model] | None = None  # its instances, once handed to the linking task
+    step: StepTrace | None = None
+
+
+@dataclass(eq=False)
+class Fetch:
+    """A level's queries in flight: the objects they fetch for and how to match results.
+
+    No parts: the level is delegated to Django's own builder on a worker thread.
+    """
+
+    level: Level
+    instances: list[Model]
+    parts: list[Part]
+    prefetcher: Any = None
+    step: StepTrace | None = None  # delegated levels' trace step (parts have their own)
+
+
+def decide(
+    session: Session,
+    level: Level,
+    obj_list: list[Any],
+    rejections: list[tuple[tuple[int, ...], str]],
+) -> Fetch | MemoLevel | list[Any] | None:
+    """One step of Django's ``prefetch_related_objects`` loop for ``level``, decided:
+    fetch (a :class:`Fetch` to run, or a ``MemoLevel`` to serve from a memo), walk (the
+    next objects) or stop (``None``). Raises Django's errors where Django raises them;
+    an "already seen" rejection Django would reach later is appended to ``rejections``.
+    It may read the database (a property, a deferred key): call it where that may block."""
+    if not obj_list or not accept_caches(obj_list):
+        return None
+    first_obj = obj_list[0]
+    prefetcher, descriptor, attr_found, is_fetched = get_prefetcher(
+        first_obj, level.through_attr, level.to_attr
+    )
+    if not attr_found:
+        raise cannot_find(
+            level.through_attr, first_obj.__class__.__name__, level.lookup.prefetch_through
+        )
+    if level.terminal_for and prefetcher is None:
+        raise not_prefetchable(level.terminal_for[0].prefetch_through)
+    if prefetcher is not None:
+        fetched: Callable[[Any], bool] = is_fetched  # type: ignore[assignment]
+        obj_to_fetch = [obj for obj in obj_list if not fetched(obj)]
+        if obj_to_fetch:
+            if len(obj_to_fetch) < len(obj_list):  # the others' caches are relied on
+                session.journal.rely_on(obj_list)
+            if level.requeried_by is not None:
+                # Django would fetch this path, then reject the later queryset
+                # when it reaches that lookup: the first such lookup wins.
+                rejections.append((level.requeried_by, level.key))
+            if level.as_attr:
+                # Django checks this after the query; the outcome is the same.
+                check_to_attr(type(obj_to_fetch[0]), level.to_attr)
+            if session.memos:
+                served = memo_level(session.memos, level, descriptor, prefetcher, obj_to_fetch)
+                if served is not None:
+                    return served
+            relations = relation_queries(
+                descriptor,
+                prefetcher,
+                obj_to_fetch,
+                level.querysets(),
+                session.config.chunk_size,
+            )
+            parts = [Part(rel, compile_queryset(rel.queryset)) for rel in relations]
+            return Fetch(level, obj_to_fetch, parts, prefetcher)
+    # Already fetched (select_related, an earlier lookup) or not a relation at all
+    # (a property): walk on through the attribute's values.
+    session.journal.rely_on(obj_list)
+    return traverse(obj_list, level.through_attr)

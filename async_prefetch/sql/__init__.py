@@ -1,0 +1,1 @@
+"""SQL: Django's compiler for each query, and the ``= ANY`` array lookup the builders use."""

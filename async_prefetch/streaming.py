@@ -1,0 +1,177 @@
+"""Big querysets chunk by chunk, each chunk prefetched, the next one fetched meanwhile.
+
+``async for book in aiterator(Book.objects.all(), "authors", "pages", chunk_size=2000)``
+reads the root rows in chunks on a pooled connection (a server-side cursor, or a streamed
+result where ``DISABLE_SERVER_SIDE_CURSORS`` is set), prefetches each chunk's lookups
+concurrently as :func:`~async_prefetch.aprefetch` does, and while the loop body works on
+one chunk the next one is already being read and prefetched (``read_ahead`` chunks at
+most). :func:`iterator` is the same for synchronous code.
+
+Each chunk's caches are those Django's ``iterator(chunk_size=...)`` with
+``prefetch_related()`` fills. Leaving the loop early (``break``, an exception, a
+cancellation, or the iterator being closed or garbage-collected) stops the read-ahead in
+the server, closes the cursor and returns the connection. Inside ``atomic`` (the
+transaction's rows are only visible on the caller's connection), with another database
+or with non-model rows, chunks come from Django's own iterator and are prefetched one after
+another by the engine, without read-ahead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from typing import Any, TypeVar
+
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db.models import Model, QuerySet
+
+from . import api
+from .dispatch import Lookup, capture_async_caller, engine_root, engine_supports, split_lookups
+from .runtime import bridge
+from .runtime.memo import MemoSpec
+from .runtime.session import CallerContext
+from .runtime.stream import Stream
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "aiterator", "iterator"]
+
+M = TypeVar("M", bound=Model)
+
+#: Django's default for ``QuerySet.aiterator()``.
+DEFAULT_CHUNK_SIZE = 2000
+
+
+def aiterator(
+    queryset: QuerySet[M],
+    *lookups: Lookup,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    read_ahead: int = 1,
+    memo: MemoSpec = None,
+) -> AsyncGenerator[M]:
+    """An async iterator over ``queryset``'s instances, each chunk of ``chunk_size`` with
+    ``lookups`` (and the queryset's own ``prefetch_related()`` lookups) prefetched, up to
+    ``read_ahead`` chunks fetched ahead of the loop. ``memo``: see :class:`~async_prefetch.Memo`.
+
+    Raises ``ValueError`` at once for a ``chunk_size`` below 1 or a negative ``read_ahead``.
+    """
+    _check(chunk_size, read_ahead)
+    return _aiterate(queryset, lookups, chunk_size, read_ahead, memo)
+
+
+def iterator(
+    queryset: QuerySet[M],
+    *lookups: Lookup,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    read_ahead: int = 1,
+    memo: MemoSpec = None,
+) -> Generator[M]:
+    """:func:`aiterator` for synchronous code: the engine reads and prefetches on its own
+    thread while the caller's loop body runs."""
+    _check(chunk_size, read_ahead)
+    return _iterate(queryset, lookups, chunk_size, read_ahead, memo)
+
+
+def _check(chunk_size: int, read_ahead: int) -> None:
+    if chunk_size < 1:
+        raise ValueError("Chunk size must be strictly positive.")
+    if read_ahead < 0:
+        raise ValueError("read_ahead must be zero or more.")
+
+
+async def _aiterate(
+    queryset: QuerySet[M],
+    lookups: tuple[Lookup, ...],
+    chunk_size: int,
+    read_ahead: int,
+    memo: MemoSpec,
+) -> AsyncGenerator[M]:
+    queryset, all_lookups = split_lookups(queryset, lookups, None)
+    caller = await capture_async_caller()
+    if not _streamable(queryset, caller):
+        async for chunk in _django_chunks_async(queryset, chunk_size):
+            await api.aprefetch_related_objects(chunk, *all_lookups)
+            for obj in chunk:
+                yield obj
+        return
+    stream = Stream(
+        queryset, all_lookups, caller, chunk_size=chunk_size, read_ahead=read_ahead, memo=memo
+    )
+    await bridge.run_async(stream.open)
+    bridge.start_soon(stream.produce)
+    next_chunk: Callable[[], Awaitable[list[Any] | None]] = stream.next_chunk
+    try:
+        while (rows := await bridge.run_async(next_chunk)) is not None:
+            for instance in rows:
+                yield instance
+    finally:
+        await bridge.run_async(stream.aclose)
+
+
+def _iterate(
+    queryset: QuerySet[M],
+    lookups: tuple[Lookup, ...],
+    chunk_size: int,
+    read_ahead: int,
+    memo: MemoSpec,
+) -> Generator[M]:
+    queryset, all_lookups = split_lookups(queryset, lookups, None)
+    caller = CallerContext.capture()
+    if not _streamable(queryset, caller):
+        for chunk in _chunks(queryset.iterator(chunk_size), chunk_size):
+            api.prefetch_related_objects(chunk, *all_lookups)
+            yield from chunk
+        return
+    stream = Stream(
+        queryset, all_lookups, caller, chunk_size=chunk_size, read_ahead=read_ahead, memo=memo
+    )
+    bridge.run_sync(stream.open)
+    bridge.start_soon(stream.produce)
+    next_chunk: Callable[[], Awaitable[list[Any] | None]] = stream.next_chunk
+    try:
+        while (rows := bridge.run_sync(next_chunk)) is not None:
+            yield from rows
+    finally:
+        _close(stream)
+
+
+def _close(stream: Stream) -> None:
+    """Close ``stream`` and wait for it, or, where this thread runs an event loop (a
+    garbage collection there finalised the generator), only start closing it."""
+    try:
+        bridge.run_sync(stream.aclose)
+    except SynchronousOnlyOperation:
+        bridge.start_soon(stream.aclose)
+
+
+def _streamable(queryset: QuerySet[Any], caller: CallerContext) -> bool:
+    """Whether the engine reads the rows itself (with read-ahead)."""
+    return engine_supports(queryset.db) and engine_root(queryset) and not caller.in_atomic()
+
+
+def _chunks(objs: Iterable[M], size: int) -> Iterator[list[M]]:
+    chunk: list[M] = []
+    for obj in objs:
+        chunk.append(obj)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _django_chunks_async(queryset: QuerySet[M], size: int) -> AsyncIterator[list[M]]:
+    """Django's own ``aiterator()`` rows in lists of ``size`` (on the caller's connection)."""
+    chunk: list[M] = []
+    async for obj in queryset.aiterator(size):
+        chunk.append(obj)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,253 @@
+"""Streams: chunks with Django's caches, read-ahead proven with server time, early exits
+that leave nothing behind, and ``install()`` routing Django's own iterators here."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.db.models import Prefetch
+from django.test.utils import CaptureQueriesContext
+
+import async_prefetch
+from async_prefetch.runtime import bridge
+from tests.cache_snapshot import assert_same_prefetch
+from tests.factories import seed_bookstore
+from tests.run_state import busy_engine_connections, settle_pool, sleepers
+from tests.server_time import SLEEPING, slow
+from tests.testapp.models import Author, Book, Page
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOOKUPS = ("authors__location", "pages", "publisher", "tags")
+
+
+def django_chunks(chunk_size: int, lookups: tuple[Any, ...] = LOOKUPS) -> list[Any]:
+    queryset = Book.objects.order_by("pk").prefetch_related(*lookups)
+    return list(queryset.iterator(chunk_size=chunk_size))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 100])
+def test_sync_chunks_have_djangos_caches(chunk_size: int) -> None:
+    seed_bookstore(n_books=11)
+    expected = django_chunks(chunk_size)
+    got = list(
+        async_prefetch.iterator(Book.objects.order_by("pk"), *LOOKUPS, chunk_size=chunk_size)
+    )
+    assert_same_prefetch(expected, got, LOOKUPS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("read_ahead", [0, 1, 3])
+async def test_async_chunks_have_djangos_caches(read_ahead: int) -> None:
+    await sync_to_async(seed_bookstore)(n_books=11)
+    expected = await sync_to_async(django_chunks)(3)
+    got = [
+        book
+        async for book in async_prefetch.aiterator(
+            Book.objects.order_by("pk").prefetch_related("authors__location"),
+            "pages",
+            "publisher",
+            "tags",
+            chunk_size=3,
+            read_ahead=read_ahead,
+        )
+    ]
+    assert_same_prefetch(expected, got, LOOKUPS)
+
+
+def test_the_same_queries_as_djangos_iterator() -> None:
+    """The root query and every chunk's prefetch queries are reported where Django tooling
+    looks, as many as Django's ``iterator(chunk_size=...)`` runs."""
+    seed_bookstore(n_books=7)
+    with CaptureQueriesContext(connection) as django_queries:
+        django_chunks(3)
+    with CaptureQueriesContext(connection) as engine_queries:
+        list(async_prefetch.iterator(Book.objects.order_by("pk"), *LOOKUPS, chunk_size=3))
+    assert len(engine_queries) == len(django_queries)
+
+
+def test_without_server_side_cursors(settings: Any) -> None:
+    """``DISABLE_SERVER_SIDE_CURSORS`` (PgBouncer's transaction pooling): a streamed result."""
+    seed_bookstore(n_books=7)
+    expected = django_chunks(2)
+    connection.settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = True
+    try:
+        got = list(async_prefetch.iterator(Book.objects.order_by("pk"), *LOOKUPS, chunk_size=2))
+    finally:
+        connection.settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = False
+    assert_same_prefetch(expected, got, LOOKUPS)
+
+
+def test_prefetches_of_the_next_chunk_run_while_the_loop_works() -> None:
+    """The loop body spends ``WORK`` per chunk and each chunk's prefetch ``SLEEP`` in the
+    server: chunk k + 1's prefetch starts (server time) before the body has finished
+    chunk k, and the whole stream takes about max(WORK, SLEEP) per chunk, not the sum."""
+    seed_bookstore(n_books=8)
+    work, chunks = 0.3, 4
+    lookup = Prefetch("pages", queryset=slow(Page.objects.all()), to_attr="slow_pages")
+    body_done: list[datetime] = []
+    started = time.perf_counter()
+    books: list[Any] = []
+    for index, book in enumerate(
+        async_prefetch.iterator(Book.objects.order_by("pk"), lookup, chunk_size=2)
+    ):
+        books.append(book)
+        if index % 2 == 1:  # the last book of a chunk: the body works on the chunk
+            time.sleep(work)
+            body_done.append(datetime.now().astimezone())
+    elapsed = time.perf_counter() - started
+    starts = [
+        min(page.started_at for book in books[k : k + 2] for page in book.slow_pages)
+        for k in range(0, 2 * chunks, 2)
+    ]
+    for k in range(chunks - 1):
+        assert starts[k + 1] < body_done[k], f"chunk {k + 1}'s prefetch waited for the body"
+    assert elapsed < chunks * (work + 0.3) * 0.8, f"{elapsed:.2f} s: no overlap"
+
+
+def test_read_ahead_is_bounded() -> None:
+    """With ``read_ahead=1`` the stream is never more than one chunk ahead of the loop:
+    when the loop stops at chunk 1 after a pause, chunk 3's prefetch never ran."""
+    seed_bookstore(n_books=8)
+    lookup = Prefetch("pages", queryset=Page.objects.all(), to_attr="pages_list")
+    with async_prefetch.tracing() as trace:
+        stream = async_prefetch.iterator(Book.objects.order_by("pk"), lookup, chunk_size=2)
+        for _ in range(2):  # the whole first chunk
+            next(stream)
+        time.sleep(0.3)  # meanwhile chunk 2 is prefetched and waits; chunk 3 must not start
+        stream.close()
+    assert [step.key for step in trace.steps if step.key == "pages_list"] == ["pages_list"] * 2
+
+
+def test_leaving_early_releases_everything() -> None:
+    """``break`` (then the generator is collected) with a read-ahead chunk sleeping in the
+    server: the query is cancelled, the cursor closed and every connection returned."""
+    seed_bookstore(n_books=6)
+    stream = async_prefetch.iterator(Book.objects.order_by("pk"), "pages", chunk_size=2)
+    for _ in stream:
+        break
+    # The next chunk's lookups (a query sleeping 5 s) are in flight now.
+    stream = async_prefetch.iterator(Book.objects.order_by("pk"), SLEEPING, chunk_size=2)
+
+    def body_fails(books: Iterator[Any]) -> None:
+        for _book in books:
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        body_fails(stream)
+    del stream
+    gc.collect()
+    assert bridge.run_sync(settle_pool) == 0
+    assert sleepers() == 0
+    assert not busy_engine_connections()
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_loop_releases_everything() -> None:
+    await sync_to_async(seed_bookstore)(n_books=6)
+
+    async def consume() -> None:
+        async for _book in async_prefetch.aiterator(
+            Book.objects.order_by("pk"), SLEEPING, chunk_size=2
+        ):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    started = time.perf_counter()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.perf_counter() - started < 1.0
+    assert await bridge.run_async(settle_pool) == 0
+    assert await sync_to_async(sleepers)() == 0
+
+
+@pytest.mark.anyio
+async def test_breaking_out_of_async_for_and_closing() -> None:
+    await sync_to_async(seed_bookstore)(n_books=6)
+    stream = async_prefetch.aiterator(Book.objects.order_by("pk"), "authors", chunk_size=2)
+    async for _book in stream:
+        break
+    await stream.aclose()
+    assert await bridge.run_async(settle_pool) == 0
+    assert not await sync_to_async(busy_engine_connections)()
+
+
+def test_a_failing_chunk_raises_after_the_chunks_before_it() -> None:
+    """The loop gets every complete chunk before the failing one, then Django's error."""
+    from django.db import DataError
+
+    from tests.server_time import FAILING
+
+    seed_bookstore(n_books=4)
+    seen: list[Any] = []
+
+    def consume() -> None:
+        seen.extend(async_prefetch.iterator(Book.objects.order_by("pk"), FAILING, chunk_size=4))
+
+    with pytest.raises(DataError):
+        consume()
+    assert seen == []
+    assert bridge.run_sync(settle_pool) == 0
+
+
+def test_install_routes_djangos_iterators(installed: None) -> None:
+    seed_bookstore(n_books=7)
+    async_prefetch.uninstall()
+    expected = django_chunks(3)
+    async_prefetch.install()
+    with async_prefetch.tracing() as trace:
+        got = list(Book.objects.order_by("pk").prefetch_related(*LOOKUPS).iterator(chunk_size=3))
+    assert_same_prefetch(expected, got, LOOKUPS)
+    assert trace.queries >= 3 * len(LOOKUPS)  # every chunk's lookups through the engine
+    with pytest.raises(ValueError, match="chunk_size must be provided"):
+        Book.objects.prefetch_related("pages").iterator()
+
+
+@pytest.mark.anyio
+async def test_install_routes_djangos_aiterator(installed: None) -> None:
+    await sync_to_async(seed_bookstore)(n_books=5)
+    with async_prefetch.tracing() as trace:
+        got = [
+            book
+            async for book in Book.objects.order_by("pk")
+            .prefetch_related("pages")
+            .aiterator(chunk_size=2)
+        ]
+    assert len(got) == 5
+    assert all("pages" in vars(book)["_prefetched_objects_cache"] for book in got)
+    assert [step.key for step in trace.steps if step.kind == "query"].count("pages") == 3
+
+
+def test_inside_atomic_the_callers_connection_is_used() -> None:
+    """Inside ``atomic`` the rows come from Django's iterator on the caller's connection
+    (its uncommitted rows included) and each chunk is prefetched there."""
+    from django.db import transaction
+
+    seed_bookstore(n_books=3)
+    with transaction.atomic():
+        first = Book.objects.order_by("pk")[0]
+        Author.objects.create(name="Uncommitted", email="u@example.com").books.add(first)
+        with CaptureQueriesContext(connection) as queries:
+            got = list(
+                async_prefetch.iterator(Book.objects.order_by("pk"), "authors", chunk_size=2)
+            )
+        transaction.set_rollback(True)
+    assert "Uncommitted" in [a.name for a in got[0].authors.all()]
+    assert len(queries) >= 3
+
+
+def test_bad_arguments_raise_at_once() -> None:
+    with pytest.raises(ValueError, match="Chunk size must be strictly positive"):
+        async_prefetch.iterator(Book.objects.all(), chunk_size=0)
+    with pytest.raises(ValueError, match="read_ahead"):
+        async_prefetch.aiterator(Book.objects.all(), read_ahead=-1)
