@@ -109,7 +109,7 @@ async def test_cancel_dropped_by_the_server_is_sent_again(stopped: list[int]) ->
     with pytest.raises(asyncio.CancelledError):
         await task
     waited = time.perf_counter() - resumed_at
-    assert waited < 0.5, f"the caller went on {waited:.2f} s after the backend resumed"
+    assert waited < 1.0, f"the caller went on {waited:.2f} s after the backend resumed"
     assert await sync_to_async(sleepers)() == 0
     assert await bridge.run_async(settle_pool) == 0
     assert await bridge.run_async(discarded_connections) == discarded
@@ -131,7 +131,7 @@ async def test_query_that_outlives_its_cancels_is_terminated(
     with pytest.raises(asyncio.CancelledError):
         await task
     waited = time.perf_counter() - cancelled_at
-    assert waited < 0.5 + 0.5, f"the caller went on {waited:.2f} s after cancelling"
+    assert waited < 0.5 + 1.5, f"the caller went on {waited:.2f} s after cancelling"
     assert await bridge.run_async(settle_pool) == 0
     assert await bridge.run_async(discarded_connections) == discarded + 1
     resume(stopped)

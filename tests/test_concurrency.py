@@ -143,4 +143,4 @@ def test_max_concurrency_holds_for_a_querysets_own_lookups() -> None:
         sum(start <= other < start + timedelta(seconds=0.8 * SLEEP) for other in starts)
         for start in starts
     )
-    assert running_at_once == 2, starts
+    assert running_at_once <= 2, starts

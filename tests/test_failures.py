@@ -270,3 +270,26 @@ async def test_other_failures_of_the_group_stay_reachable() -> None:
     ]
     assert isinstance(error.__context__, BaseExceptionGroup)
     assert error.__context__.exceptions == (second,)
+
+
+def test_a_walk_pins_only_the_instances_it_relied_on() -> None:
+    """Another call walking through one instance keeps that instance's caches in a failed
+    call's rollback, and only that one's."""
+
+    class Obj:
+        pass
+
+    relied_on, other = Obj(), Obj()
+    failing, walking = Journal(), Journal()
+    failing.open()
+    walking.open()
+    try:
+        for obj in (relied_on, other):
+            failing.set_attribute(obj, "to_attr", [1])
+        walking.rely_on([relied_on])
+        failing.rollback()
+    finally:
+        failing.close()
+        walking.close()
+    assert vars(relied_on) == {"to_attr": [1]}
+    assert vars(other) == {}

@@ -75,7 +75,12 @@ async def test_cancelling_a_call_keeps_what_a_finished_call_wrote() -> None:
     await sync_to_async(seed_bookstore)()
     objs = await sync_to_async(books)()
     sleeping = asyncio.ensure_future(async_prefetch.aprefetch_related_objects(objs, SLEEPING))
-    await asyncio.sleep(0.1)  # the sleeping call has given the instances their caches
+    for _ in range(300):  # until the sleeping call has given the instances their caches
+        await asyncio.sleep(0.01)
+        if all(hasattr(obj, "_prefetched_objects_cache") for obj in objs):
+            break
+    else:
+        pytest.fail("the sleeping call never started")
     await async_prefetch.aprefetch_related_objects(objs, "authors", "pages")
     sleeping.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -132,10 +137,12 @@ async def test_a_relation_another_call_relied_on_survives_its_writers_failure() 
     failing = asyncio.ensure_future(
         async_prefetch.aprefetch_related_objects(objs, "authors", FAILING)
     )
-    for _ in range(100):  # until the failing call has filled "authors"
+    for _ in range(300):  # until the failing call has filled "authors"
         await asyncio.sleep(0.01)
         if cached(objs, "authors") == len(objs):
             break
+    else:
+        pytest.fail("the failing call never filled authors: the race was not set up")
     await async_prefetch.aprefetch_related_objects(objs, "authors__location")
     with pytest.raises(DataError):
         await failing

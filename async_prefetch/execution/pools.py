@@ -76,7 +76,7 @@ def _identity(alias: str) -> tuple[Any, ...]:
     """Everything a pool for ``alias`` is built from (no I/O): equal means the same pool."""
     wrapper = connections[alias]
     role = wrapper.settings_dict["OPTIONS"].get("assume_role")
-    return (connection_kwargs(alias), wrapper.timezone_name, role)
+    return (connection_kwargs(alias), wrapper.timezone_name, role, load_config().pool)
 
 
 def _configure_for(alias: str) -> Any:
@@ -144,7 +144,7 @@ async def get_pool(alias: str) -> AsyncConnectionPool[Any]:
         entry = None
     if entry is None:
         _close_pools_before_test_databases_are_destroyed()
-        entry = by_alias[alias] = _new_entry(alias, identity, load_config().pool)
+        entry = by_alias[alias] = _new_entry(alias, identity, identity[3])
     if entry.pool.closed:  # opening takes the pool's lock: not on every query
         await entry.pool.open()
     return entry.pool

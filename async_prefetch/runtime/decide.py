@@ -61,7 +61,9 @@ def decide(
     next objects) or stop (``None``). Raises Django's errors where Django raises them;
     an "already seen" rejection Django would reach later is appended to ``rejections``.
     It may read the database (a property, a deferred key): call it where that may block."""
-    if not obj_list or not accept_caches(obj_list):
+    # A run's roots were given their caches when it started; the other levels' objects
+    # were reached since.
+    if not obj_list or (level.parent is not None and not accept_caches(obj_list)):
         return None
     first_obj = obj_list[0]
     prefetcher, descriptor, attr_found, is_fetched = get_prefetcher(

@@ -31,7 +31,7 @@ _MISSING: Any = object()
 class Journal:
     """The writes of one call, restorable on failure."""
 
-    __slots__ = ("_created", "_pinned", "_writes")
+    __slots__ = ("_created", "_owners", "_owners_seen", "_pinned", "_writes")
 
     #: Journals of calls in flight (between :meth:`open` and :meth:`close`), any thread.
     _in_flight: ClassVar[set[Journal]] = set()
@@ -40,6 +40,10 @@ class Journal:
         self._created: set[int] = set()
         self._pinned: set[int] = set()  # ids of instances other calls rely on
         self._writes: list[tuple[int, Any, str, Any, Any]] = []
+        # Ids of the instances written so far (of the first _owners_seen writes), made
+        # only when another call walks on while this one is in flight.
+        self._owners: set[int] = set()
+        self._owners_seen = 0
 
     def open(self) -> None:
         """Mark the call in flight: other calls may pin its writes from now on."""
@@ -50,13 +54,22 @@ class Journal:
         Journal._in_flight.discard(self)
 
     def rely_on(self, objs: list[Any]) -> None:
-        """This call walks on through caches of ``objs`` that it did not write: pin them
-        in every other call in flight, whose rollback then leaves them in place."""
-        others = [journal for journal in list(Journal._in_flight) if journal is not self]
+        """This call walks on through caches of ``objs`` that it did not write: pin, in
+        every other call in flight that wrote to some of them, those instances; its
+        rollback then leaves them in place."""
+        others = [j for j in list(Journal._in_flight) if j is not self and j._writes]
         if others:
             ids = set(map(id, objs))
             for journal in others:
-                journal._pinned |= ids
+                journal._pinned |= ids & journal._written()
+
+    def _written(self) -> set[int]:
+        """Ids of the instances this call has written to."""
+        writes = self._writes
+        if self._owners_seen < len(writes):
+            self._owners.update(write[0] for write in writes[self._owners_seen :])
+            self._owners_seen = len(writes)
+        return self._owners
 
     def mark_created(self, instances: list[Model]) -> None:
         """Record instances built by this call: writes to them need no record."""

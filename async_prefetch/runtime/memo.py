@@ -91,6 +91,8 @@ class Memo:
                 f"A memo of {model.__name__} needs a queryset of {model.__name__}, "
                 f"not of {queryset.model.__name__}."
             )
+        if queryset is not None and queryset.query.is_sliced:
+            raise ValueError("A memo's queryset cannot be sliced: it is filtered by key.")
         self.model = model
         self.size = size
         self.all = all
@@ -128,7 +130,8 @@ class Memo:
                 instance = instances.get(pk)
                 if instance is not None:
                     found[pk] = instance
-                    instances.move_to_end(pk)
+                    if not self.all:  # a whole table is never evicted: no recency to keep
+                        instances.move_to_end(pk)
         return found
 
     def add(self, instances: Iterable[Model]) -> None:
@@ -150,10 +153,12 @@ class Memo:
             self._loaded = True
 
     def clear(self) -> None:
-        """Drop every instance (an ``all=True`` memo loads again on next use)."""
+        """Drop every instance and the database binding (an ``all=True`` memo loads again
+        on next use)."""
         with self._lock:
             self._instances = OrderedDict()
             self._loaded = False
+            self._alias = None  # the next use binds a database again
 
     def serves(self, alias: str) -> bool:
         """Whether runs on database ``alias`` use this memo (the first one used binds it)."""

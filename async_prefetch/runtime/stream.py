@@ -58,10 +58,6 @@ class Stream:
         read_ahead: int,
         memo: Any = None,
     ) -> None:
-        if chunk_size < 1:
-            raise ValueError("Chunk size must be strictly positive.")
-        if read_ahead < 0:
-            raise ValueError("read_ahead must be zero or more.")
         self._queryset = queryset
         self._lookups = list(lookups)
         self._caller = caller
@@ -167,22 +163,32 @@ class Stream:
         reports its cursor's one ``execute()``), with its parameters inlined."""
         connection = self._caller.connections.get(self._queryset.db)
         if wants_log(connection):
-            text = AsyncClientCursor(conn).mogrify(sql, params)
+            # The pool's cursors bind on the client unless ``server_side_binding``: Django
+            # logs the SQL with its parameters inlined then, with placeholders otherwise.
+            # (Not the server cursor's own mogrify(): it crashes psycopg 3.3 after execute.)
+            client = conn.cursor_factory is AsyncClientCursor
+            text = AsyncClientCursor(conn).mogrify(sql, params) if client else sql
             record_query(connection, self._queryset.db, sql, params, duration, text)
 
     async def _streamed(
         self, conn: AsyncConnection[Any], compiled: CompiledQuery
     ) -> AsyncGenerator[list[tuple[Any, ...]]]:
         """Without server-side cursors: the result in chunks as the server sends it."""
-        assert compiled.sql is not None
+        sql, params = compiled.sql, compiled.params
+        assert sql is not None
         async with conn.cursor() as cursor:
-            self._log(conn, compiled.sql, compiled.params, 0.0)
+            started: float | None = time.perf_counter()
             chunk: list[tuple[Any, ...]] = []
-            async for row in cursor.stream(compiled.sql, compiled.params, size=self._chunk_size):
+            async for row in cursor.stream(sql, params, size=self._chunk_size):
+                if started is not None:  # logged with the time to its first rows
+                    self._log(conn, sql, params, time.perf_counter() - started)
+                    started = None
                 chunk.append(row)
                 if len(chunk) == self._chunk_size:
                     yield chunk
                     chunk = []
+            if started is not None:
+                self._log(conn, sql, params, time.perf_counter() - started)
             if chunk:
                 yield chunk
 
