@@ -166,9 +166,10 @@ def test_chunks_are_delayed_not_serialized(echo_server: tuple[str, int]) -> None
 
     A proxy that slept rtt/2 per chunk read (instead of queueing chunks with their deadline)
     would hold bytes arriving during that sleep for up to twice the one-way delay, so some
-    messages would take ~1.5 RTT. The larger RTT keeps scheduler noise proportionally small.
+    messages would take ~1.5 RTT. The larger RTT keeps scheduler noise (10-15 ms seen on a
+    loaded 2-core CI machine) well inside the margin between 1.3 RTT and that ~1.5 RTT.
     """
-    rtt_ms = 50.0
+    rtt_ms = 100.0
     rtt = rtt_ms / 1000.0
     worst = []
     with LatencyProxyProcess(echo_server, rtt_ms=rtt_ms) as proxy:
@@ -176,7 +177,7 @@ def test_chunks_are_delayed_not_serialized(echo_server: tuple[str, int]) -> None
             latencies = _echo_latencies(proxy, n=20, gap=0.001, size=100)
             assert latencies[0] >= rtt - EARLY, latencies
             worst.append(latencies[-1])
-    assert min(worst) < 1.25 * rtt, worst
+    assert min(worst) < 1.3 * rtt, worst
 
 
 @pytest.mark.anyio
