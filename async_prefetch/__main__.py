@@ -18,6 +18,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "async_prefetch.devtools.bench.runner",
         "benchmark prefetch_related against the engine",
     ),
+    "bench-peers": (
+        "async_prefetch.devtools.bench.peers",
+        "the engine beside Tortoise ORM and SQLAlchemy (peers extra)",
+    ),
+    "bench-load": (
+        "async_prefetch.devtools.bench.load",
+        "calls/s and latency under concurrent callers",
+    ),
+    "bench-n-plus-one": (
+        "async_prefetch.devtools.bench.n_plus_one",
+        "a loop reading relations nobody prefetched: auto-prefetch, learned plans",
+    ),
+    "bench-gather": (
+        "async_prefetch.devtools.bench.gather",
+        "several querysets at once, and prefetch inside atomic",
+    ),
 }
 
 
@@ -26,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m async_prefetch",
         description="async_prefetch command line tools.",
-        epilog="commands:\n" + "\n".join(f"  {n:<8}{h}" for n, (_, h) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {n:<18}{h}" for n, (_, h) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")

@@ -45,7 +45,16 @@ def from_db_for(model: type[Model], fetch_mode: Any) -> Callable[..., Model]:
     if HAS_FETCH_MODES:
         get_from_db: Callable[..., Callable[..., Model]] = django_query._get_from_db  # type: ignore[attr-defined]
         return get_from_db(model, fetch_mode)
-    return model.from_db
+    if fetch_mode is None:
+        return model.from_db
+    from_db = model.from_db
+
+    def from_db_with_mode(db: str, field_names: list[str], values: Any) -> Model:
+        obj = from_db(db, field_names, values)
+        obj._state.fetch_mode = fetch_mode  # 5.2: async_prefetch's
+        return obj
+
+    return from_db_with_mode
 
 
 def related_populators(klass_info: Any, select: Any, db: str, fetch_mode: Any) -> list[Any]:
@@ -149,3 +158,14 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     finally:
         del queryset._chain
     return filtered
+
+
+def prefetch_cache_name(manager: Any) -> str:
+    """The key of ``_prefetched_objects_cache`` that Django's related ``manager`` (reverse
+    foreign key, many-to-many, generic relation) reads its prefetched result from."""
+    name = getattr(manager, "prefetch_cache_name", None)  # many-to-many, generic relations
+    if name is not None:
+        return str(name)
+    remote = manager.field.remote_field  # reverse foreign key
+    cache_name = getattr(remote, "cache_name", None)  # Django 6.0+
+    return str(cache_name if cache_name is not None else remote.get_cache_name())

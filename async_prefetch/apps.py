@@ -1,5 +1,6 @@
 """Optional Django app: add ``"async_prefetch"`` to INSTALLED_APPS and set
-``ASYNC_PREFETCH = {"INSTALL": True}`` to route all prefetching through the engine."""
+``ASYNC_PREFETCH = {"INSTALL": True}`` to route all prefetching through the engine, and
+``{"AUTO": True}`` to make every queryset's instances auto-prefetch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ class AsyncPrefetchConfig(AppConfig):
     verbose_name = "async_prefetch"
 
     def ready(self) -> None:
-        """Register the system checks; ``install()`` when the setting asks for it.
+        """Register the system checks; ``install()`` and auto-prefetch when the setting
+        asks for them.
 
         A bad ``ASYNC_PREFETCH`` raises nothing here: the checks report it (``manage.py
         check``, ``runserver``, ``migrate``) and the engine is not installed.
@@ -25,3 +27,7 @@ class AsyncPrefetchConfig(AppConfig):
             from .patching import install
 
             install()
+        if config is not None and config.auto:
+            from .access.hooks import ensure_installed
+
+            ensure_installed(to_one=True)  # reads AUTO, and follows the setting from then on

@@ -1,8 +1,9 @@
 """System checks (``manage.py check``), registered when ``"async_prefetch"`` is installed.
 
-Errors: the ``ASYNC_PREFETCH`` setting (``async_prefetch.E001`` to ``E005``, see
-:mod:`.config`). Warnings: ``async_prefetch.W001``, prepared statements on a database
-that looks as if it were behind PgBouncer in transaction pooling mode.
+Errors: the ``ASYNC_PREFETCH`` setting (``async_prefetch.E001`` to ``E006``, see
+:mod:`.config`; ``E006``: ``REPLICAS`` names a database alias that ``DATABASES``
+lacks). Warnings: ``async_prefetch.W001``, prepared statements on a database that looks
+as if it were behind PgBouncer in transaction pooling mode.
 A database that is not PostgreSQL is no problem: the engine hands it back to Django.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -39,6 +39,25 @@ class EngineConfig:
     max_concurrency: int
     install: bool
     chunk_size: int | None = _DEFAULT_CHUNK_SIZE  # parent keys per query; None: one per level
+    #: Read replicas by primary alias, as ``(alias, (replica, ...))`` pairs in settings order.
+    replicas: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Seconds a replica may lag behind its primary before it is skipped; ``None``: unbounded.
+    replica_max_lag: float | None = None
+    #: Every queryset's instances auto-prefetch (:func:`async_prefetch.autoprefetch`).
+    auto: bool = False
+    #: Where a stage's queries go in one pipeline on one connection: ``"atomic"``
+    #: (``PIPELINE`` unset: on the caller's connection inside ``atomic``), ``"always"``
+    #: (``True``: also outside, on one pooled connection per call), ``"never"`` (``False``).
+    pipeline: Literal["atomic", "always", "never"] = "atomic"
+    #: Every call's queries see one snapshot (``consistent=True`` by default).
+    consistent: bool = False
+
+    def replicas_of(self, alias: str) -> tuple[str, ...]:
+        """The aliases of ``alias``'s read replicas (``()``: none configured)."""
+        for primary, replicas in self.replicas:
+            if primary == alias:
+                return replicas
+        return ()
 
 
 #: Check ids of the problems :func:`read_config` finds.
@@ -47,6 +66,7 @@ UNKNOWN_KEYS = "async_prefetch.E002"
 REPEATED_KEY = "async_prefetch.E003"
 WRONG_TYPE = "async_prefetch.E004"
 OUT_OF_RANGE = "async_prefetch.E005"
+UNKNOWN_DATABASE = "async_prefetch.E006"
 
 
 @dataclass(frozen=True)
@@ -64,7 +84,19 @@ class ConfigError:
 
 
 _POOL_KEYS = frozenset({"MIN_SIZE", "MAX_SIZE", "TIMEOUT", "MAX_IDLE", "MAX_LIFETIME", "CHECK"})
-_TOP_KEYS = frozenset({"POOL", "MAX_CONCURRENCY", "INSTALL", "CHUNK_SIZE"})
+_TOP_KEYS = frozenset(
+    {
+        "POOL",
+        "MAX_CONCURRENCY",
+        "INSTALL",
+        "CHUNK_SIZE",
+        "REPLICAS",
+        "REPLICA_MAX_LAG",
+        "AUTO",
+        "PIPELINE",
+        "CONSISTENT",
+    }
+)
 
 
 class _Reader:
@@ -150,6 +182,71 @@ class _Reader:
             return default
         return value
 
+    def pipeline(
+        self, section: dict[str, Any], key: str, where: str
+    ) -> Literal["atomic", "always", "never"]:
+        """``"atomic"`` (the default), ``True`` (``"always"``) or ``False`` (``"never"``)."""
+        value = section.get(key, "atomic")
+        if value is True:
+            return "always"
+        if value is False:
+            return "never"
+        if value != "atomic":
+            self.error(
+                WRONG_TYPE,
+                f"{where}[{key!r}] must be True, False or 'atomic', not {_described(value)}.",
+            )
+        return "atomic"
+
+    def replicas(self, value: object, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """``{alias: [replica, ...]}``: aliases of ``settings.DATABASES``, each list a
+        non-empty list or tuple of distinct aliases; ``()`` when anything is wrong."""
+        if not isinstance(value, Mapping):
+            self.error(NOT_A_DICT, f"{where} must be a dict, not {type(value).__name__}.")
+            return ()
+        databases = getattr(settings, "DATABASES", {})
+        known = f"Aliases in DATABASES: {', '.join(map(repr, databases))}."
+        errors_before = len(self.errors)
+        result: list[tuple[str, tuple[str, ...]]] = []
+        for alias, replicas in value.items():
+            name = f"{where}[{alias!r}]"
+            if not isinstance(alias, str) or alias not in databases:
+                self.error(UNKNOWN_DATABASE, f"{where} names unknown database {alias!r}.", known)
+            if not isinstance(replicas, list | tuple) or not replicas:
+                self.error(
+                    WRONG_TYPE,
+                    f"{name} must be a non-empty list of database aliases, "
+                    f"not {_described(replicas)}.",
+                )
+                continue
+            for replica in replicas:
+                if not isinstance(replica, str) or replica not in databases:
+                    self.error(
+                        UNKNOWN_DATABASE, f"{name} names unknown database {replica!r}.", known
+                    )
+            repeated = sorted({str(r) for r in replicas if list(replicas).count(r) > 1})
+            if repeated:
+                self.error(OUT_OF_RANGE, f"{name} lists {repeated} more than once.")
+            result.append((str(alias), tuple(map(str, replicas))))
+        return tuple(result) if len(self.errors) == errors_before else ()
+
+    def seconds_or_none(self, section: dict[str, Any], key: str, where: str) -> float | None:
+        """``None`` (the default), or a number of seconds above 0 as a ``float``."""
+        if section.get(key) is None:
+            return None
+        value = section[key]
+        name = f"{where}[{key!r}]"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(
+                WRONG_TYPE,
+                f"{name} must be a number of seconds or None, not {_described(value)}.",
+            )
+            return None
+        if not value > 0:  # NaN too
+            self.error(OUT_OF_RANGE, f"{name} must be more than 0 seconds or None, not {value}.")
+            return None
+        return float(value)
+
 
 def _described(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
@@ -174,10 +271,14 @@ def read_config() -> tuple[EngineConfig | None, list[ConfigError]]:
 
     Keys are case-insensitive: ``{"POOL": {"min_size": 2, "max_size": 10, "timeout": 30,
     "max_idle": 300, "max_lifetime": 3600, "check": False}, "MAX_CONCURRENCY": 10,
-    "INSTALL": False, "CHUNK_SIZE": 5000}``. Sizes and ``MAX_CONCURRENCY`` are
-    integers, times positive numbers of seconds, ``CHECK`` and ``INSTALL`` booleans,
-    ``CHUNK_SIZE`` a positive integer or ``None``; ``MAX_CONCURRENCY`` defaults to
-    ``MAX_SIZE``.
+    "INSTALL": False, "CHUNK_SIZE": 5000, "REPLICAS": {}, "REPLICA_MAX_LAG": None,
+    "AUTO": False, "PIPELINE": "atomic", "CONSISTENT": False}``.
+    Sizes and ``MAX_CONCURRENCY`` are integers, times positive numbers of seconds,
+    ``CHECK``, ``INSTALL`` and ``AUTO`` booleans, ``CHUNK_SIZE`` a positive integer or ``None``;
+    ``MAX_CONCURRENCY`` defaults to ``MAX_SIZE``. ``REPLICAS`` maps an alias of
+    ``DATABASES`` to a list of aliases of its read replicas, ``REPLICA_MAX_LAG`` is a
+    positive number of seconds or ``None`` (replicas' lag not bounded). ``PIPELINE`` is
+    ``"atomic"``, ``True`` or ``False``, ``CONSISTENT`` a boolean.
     """
     read = _Reader()
     top = "ASYNC_PREFETCH"
@@ -211,6 +312,11 @@ def read_config() -> tuple[EngineConfig | None, list[ConfigError]]:
         max_concurrency=read.integer(raw, "MAX_CONCURRENCY", top, max_size, minimum=1),
         install=read.boolean(raw, "INSTALL", top, default=False),
         chunk_size=chunk_size,
+        replicas=read.replicas(raw.get("REPLICAS", {}), f"{top}['REPLICAS']"),
+        replica_max_lag=read.seconds_or_none(raw, "REPLICA_MAX_LAG", top),
+        auto=read.boolean(raw, "AUTO", top, default=False),
+        pipeline=read.pipeline(raw, "PIPELINE", top),
+        consistent=read.boolean(raw, "CONSISTENT", top, default=False),
     )
     if read.errors:
         return None, read.errors

@@ -76,7 +76,7 @@ def split_lookups(
 
 async def run_async(caller: CallerContext, func: Any, *args: Any) -> Any:
     """Await ``func(*args, caller)`` on the engine thread, or, when the caller is inside
-    ``atomic``, here, serially on the caller's own connections (only they see its rows)."""
+    ``atomic``, here, on the caller's own connections (only they see its rows)."""
     if caller.in_atomic():
         return await func(*args, caller.on_caller_connections())
     return await bridge.run_async(func, *args, caller)
@@ -87,7 +87,7 @@ def run_sync(caller: CallerContext, func: Any, *args: Any) -> Any:
 
     Inside ``atomic`` the run goes through ``async_to_sync``: its event loop runs on a
     helper thread while this thread, which owns the transaction, runs the run's queries
-    (``sync_to_async(thread_sensitive=True)`` comes back here), one at a time.
+    (``sync_to_async(thread_sensitive=True)`` comes back here).
     """
     if caller.in_atomic():
         return async_to_sync(func)(*args, caller.on_caller_connections())

@@ -60,22 +60,31 @@ def _targets() -> list[tuple[Any, str, Any, Any]]:
     return targets
 
 
-def install() -> None:
+def install(*, pool_terminals: bool = False) -> None:
     """Make every ``prefetch_related``, ``prefetch_related_objects`` and
     ``aprefetch_related_objects`` (and Django 6.1's fetch modes) run on the engine, and
     ``QuerySet.iterator()`` / ``aiterator()`` with prefetches stream (:mod:`.streaming`).
-    Idempotent; undone by :func:`uninstall`.
+    ``pool_terminals``: also give every queryset the pool's ``aget``, ``acount``, ...
+    (:func:`~async_prefetch.install_pool_terminals`). Idempotent; undone by
+    :func:`uninstall`.
     """
     with _lock:
-        if _patched:
-            return
-        for module, name, original, replacement in _targets():
-            setattr(module, name, replacement)
-            _patched.append((module, name, original))
+        if not _patched:
+            for module, name, original, replacement in _targets():
+                setattr(module, name, replacement)
+                _patched.append((module, name, original))
+    if pool_terminals:
+        from .terminals import install_pool_terminals
+
+        install_pool_terminals()
 
 
 def uninstall() -> None:
-    """Restore Django's own functions everywhere :func:`install` replaced them."""
+    """Restore Django's own functions everywhere :func:`install` replaced them (and
+    the pool terminals, if installed)."""
+    from .terminals import uninstall_pool_terminals
+
+    uninstall_pool_terminals()
     with _lock:
         while _patched:
             module, name, original = _patched.pop()

@@ -53,15 +53,18 @@ def aiterator(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     read_ahead: int = 1,
     memo: MemoSpec = None,
+    consistent: bool | None = None,
 ) -> AsyncGenerator[M]:
     """An async iterator over ``queryset``'s instances, each chunk of ``chunk_size`` with
     ``lookups`` (and the queryset's own ``prefetch_related()`` lookups) prefetched, up to
     ``read_ahead`` chunks fetched ahead of the loop. ``memo``: see :class:`~async_prefetch.Memo`.
+    ``consistent``: the root rows and every chunk's prefetches see one database snapshot
+    (default: the ``CONSISTENT`` setting).
 
     Raises ``ValueError`` at once for a ``chunk_size`` below 1 or a negative ``read_ahead``.
     """
     _check(chunk_size, read_ahead)
-    return _aiterate(queryset, lookups, chunk_size, read_ahead, memo)
+    return _aiterate(queryset, lookups, chunk_size, read_ahead, memo, consistent)
 
 
 def iterator(
@@ -70,11 +73,12 @@ def iterator(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     read_ahead: int = 1,
     memo: MemoSpec = None,
+    consistent: bool | None = None,
 ) -> Generator[M]:
     """:func:`aiterator` for synchronous code: the engine reads and prefetches on its own
     thread while the caller's loop body runs."""
     _check(chunk_size, read_ahead)
-    return _iterate(queryset, lookups, chunk_size, read_ahead, memo)
+    return _iterate(queryset, lookups, chunk_size, read_ahead, memo, consistent)
 
 
 def _check(chunk_size: int, read_ahead: int) -> None:
@@ -90,9 +94,10 @@ async def _aiterate(
     chunk_size: int,
     read_ahead: int,
     memo: MemoSpec,
+    consistent: bool | None,
 ) -> AsyncGenerator[M]:
     queryset, all_lookups = split_lookups(queryset, lookups, None)
-    caller = await capture_async_caller()
+    caller = (await capture_async_caller()).with_options(consistent=consistent)
     if not _streamable(queryset, caller):
         async for chunk in _django_chunks_async(queryset, chunk_size):
             await api.aprefetch_related_objects(chunk, *all_lookups)
@@ -109,6 +114,7 @@ async def _aiterate(
         while (rows := await bridge.run_async(next_chunk)) is not None:
             for instance in rows:
                 yield instance
+            del rows  # not held while the next chunk is asked for (and read)
     finally:
         await bridge.run_async(stream.aclose)
 
@@ -119,9 +125,10 @@ def _iterate(
     chunk_size: int,
     read_ahead: int,
     memo: MemoSpec,
+    consistent: bool | None,
 ) -> Generator[M]:
     queryset, all_lookups = split_lookups(queryset, lookups, None)
-    caller = CallerContext.capture()
+    caller = CallerContext.capture().with_options(consistent=consistent)
     if not _streamable(queryset, caller):
         for chunk in _chunks(queryset.iterator(chunk_size), chunk_size):
             api.prefetch_related_objects(chunk, *all_lookups)
@@ -136,6 +143,7 @@ def _iterate(
     try:
         while (rows := bridge.run_sync(next_chunk)) is not None:
             yield from rows
+            del rows  # not held while the next chunk is asked for (and read)
     finally:
         _close(stream)
 

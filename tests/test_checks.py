@@ -25,7 +25,10 @@ from async_prefetch.config import load_config
 from tests.testapp.models import Book
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-TOP_KEYS = "Known keys: 'CHUNK_SIZE', 'INSTALL', 'MAX_CONCURRENCY', 'POOL'."
+TOP_KEYS = (
+    "Known keys: 'AUTO', 'CHUNK_SIZE', 'CONSISTENT', 'INSTALL', 'MAX_CONCURRENCY', "
+    "'PIPELINE', 'POOL', 'REPLICAS', 'REPLICA_MAX_LAG'."
+)
 POOL_KEYS = "Known keys: 'CHECK', 'MAX_IDLE', 'MAX_LIFETIME', 'MAX_SIZE', 'MIN_SIZE', 'TIMEOUT'."
 
 

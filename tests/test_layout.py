@@ -166,7 +166,14 @@ def test_each_devtools_module_imports_first_in_a_fresh_process(name: str) -> Non
 
 
 def test_the_commands_are_devtools_modules() -> None:
-    assert set(COMMANDS) == {"demo", "bench"}
+    assert set(COMMANDS) == {
+        "demo",
+        "bench",
+        "bench-peers",
+        "bench-load",
+        "bench-n-plus-one",
+        "bench-gather",
+    }
     for module, _ in COMMANDS.values():
         assert module.startswith(DEVTOOLS + ".")
         assert importlib.util.find_spec(module) is not None, module

@@ -49,3 +49,10 @@ class Executor(Protocol):
     more batches (none for an empty result); returns when every row has been consumed."""
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None: ...
+
+
+class Scope(Protocol):
+    """Where an executor leaves what it holds until its call ends (a pooled connection):
+    ``closer()`` is awaited then, also when the call fails or is cancelled."""
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None: ...

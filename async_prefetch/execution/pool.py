@@ -78,7 +78,7 @@ class PoolExecutor:
         log = wants_log(connection)
         async with self._limiter:
             try:
-                conn = await acquire(pool)
+                conn = await self._checkout(pool)
                 try:
                     async with conn.cursor() as cursor:
                         sent = [query.sql, query.params]  # what ran, once it has run
@@ -88,7 +88,7 @@ class PoolExecutor:
                             if wrappers:
                                 await self._execute_wrapped(cursor, wrappers, sent)
                             else:
-                                await _execute(cursor, query.sql, query.params, self._alias)
+                                await self._run_query(cursor, query.sql, query.params)
                             duration = time.perf_counter() - started
                             # The whole result is in the client already: fetchmany()
                             # converts rows without waiting for the server.
@@ -108,9 +108,24 @@ class PoolExecutor:
                     # putconn() interrupted while it waits for the pool's lock leaves
                     # the connection counted as checked out for good.
                     with anyio.CancelScope(shield=True):
-                        await pool.putconn(conn)
+                        await self._checkin(pool, conn)
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
+
+    async def _checkout(self, pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+        """The connection a query runs on (a pooled one)."""
+        return await acquire(pool)
+
+    async def _checkin(
+        self, pool: AsyncConnectionPool[Any], conn: psycopg.AsyncConnection[Any]
+    ) -> None:
+        """Give back :meth:`_checkout`'s connection once its query's rows are read
+        (shielded from cancellation by the caller)."""
+        await pool.putconn(conn)
+
+    async def _run_query(self, cursor: Any, sql: str, params: Any) -> None:
+        """Run ``sql`` on ``cursor`` (its result left there for ``fetchmany``)."""
+        await _execute(cursor, sql, params, self._alias)
 
     async def _execute_wrapped(
         self, cursor: Any, wrappers: Sequence[Callable[..., Any]], sent: list[Any]
@@ -120,11 +135,10 @@ class PoolExecutor:
         ``sent`` holds the SQL and parameters given to ``execute``; they replace its
         contents when the innermost wrapper passes others on.
         """
-        alias = self._alias
 
         async def run(sql: str, params: Any) -> None:
             try:
-                await _execute(cursor, sql, params, alias)
+                await self._run_query(cursor, sql, params)
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
 

@@ -97,7 +97,18 @@ class PoolHealth:
 
     def _raise_unreachable(self) -> None:
         if (failure := self._failure) is not None:
-            raise django_db_utils.OperationalError(*failure.args) from failure
+            error = django_db_utils.OperationalError(*failure.args)
+            setattr(error, _UNREACHABLE, True)
+            raise error from failure
+
+
+_UNREACHABLE = "_async_prefetch_unreachable"
+
+
+def unreachable_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is :meth:`PoolHealth.getconn`'s error for a pool that cannot
+    connect at all: no connection was handed out, so nothing was sent to the server."""
+    return getattr(exc, _UNREACHABLE, False) is True
 
 
 def closed_by_server(conn: AsyncConnection[Any]) -> bool:

@@ -178,6 +178,16 @@ async def close_pools() -> None:
         await asyncio.wait(retiring)
 
 
+async def close_pools_of(*aliases: str) -> None:
+    """Close the running loop's pools of ``aliases`` and wait until they are closed (a
+    database about to go away); later use opens new ones."""
+    by_alias = _pools.get(asyncio.get_running_loop(), {})
+    for alias in aliases:
+        entry = by_alias.pop(alias, None)
+        if entry is not None:
+            await entry.pool.close()
+
+
 def pool_stats() -> dict[str, dict[str, int]]:
     """``psycopg_pool`` statistics of the running loop's pools, by alias (observability)."""
     by_alias = _pools.get(asyncio.get_running_loop(), {})

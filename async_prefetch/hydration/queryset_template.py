@@ -52,15 +52,18 @@ def queryset_factory(
         "_class": type(template),
         "_hints": hints,
         "_negate": deferred[0],
-        "_new_query": _query_maker(base["_query"]),
     }
     # What each attribute gets: the parent's part, a fresh container or the shared value.
     per_parent = {
         "_hints": "{**_hints, 'instance': parent}",
-        "_query": "_new_query()",
+        "_query": "query",
         "_deferred_filter": "(_negate, (), core_filters)",
         "_known_related_objects": "known_related",
     }
+    query_lines = _unfiltered_query_lines(base["_query"], namespace)
+    if query_lines is None:  # a clone of the template's query per parent
+        namespace["_clone_query"] = base["_query"].clone
+        query_lines = ["    query = _clone_query()\n"]
     if _compat.HAS_FETCH_MODES:
         per_parent["_fetch_mode"] = "parent._state.fetch_mode"
     lines = []
@@ -80,6 +83,7 @@ def queryset_factory(
         lines.append(f"    queryset.{key} = {expression}\n")
     source = (
         "def new_queryset(parent, core_filters, known_related):\n"
+        f"{''.join(query_lines)}"
         "    queryset = _new(_class)\n"
         f"{''.join(lines)}"
         "    return queryset\n"
@@ -108,27 +112,32 @@ def _compiled(source: str) -> CodeType:
     return compile(source, "<async_prefetch.cached_querysets>", "exec")
 
 
-def _query_maker(template: Any) -> Callable[[], Query]:
-    """A function returning a query equal to ``template``, an unfiltered manager query.
+def _unfiltered_query_lines(template: Any, namespace: dict[str, Any]) -> list[str] | None:
+    """Source lines making ``query``, a query equal to ``template`` (an unfiltered manager
+    query), with the values they use put in ``namespace``; ``None`` when that is not exact.
 
-    An :class:`UnfilteredQuery` (no containers until used) plus ``template``'s scalar
-    attributes when ``Query(model)`` plus those equals it (the default manager), else a
-    clone per call.
+    The query is an :class:`UnfilteredQuery` (no containers until used) holding the model,
+    ``alias_cols`` and ``template``'s other attributes, assigned as its ``__init__`` and
+    then :meth:`UnfilteredQuery.materialise` would: possible when ``Query(model)`` plus
+    those equals ``template`` (the default manager) and they are scalars.
     """
     model = template.model
     plain = vars(Query(model, alias_cols=template.alias_cols))
     own = vars(template)
-    if own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items()):
-        extra = [(key, value) for key, value in own.items() if key not in plain]
-        if all(isinstance(value, _ATOMIC) for _, value in extra):
-            alias_cols = template.alias_cols
-
-            def fresh_query() -> Query:
-                query = UnfilteredQuery(model, alias_cols=alias_cols)
-                for key, value in extra:  # one by one: see queryset_factory
-                    setattr(query, key, value)
-                return query
-
-            return fresh_query
-    clone: Callable[[], Query] = template.clone
-    return clone
+    if not (own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items())):
+        return None
+    extra = [(key, value) for key, value in own.items() if key not in plain]
+    if not all(isinstance(value, _ATOMIC) and _assignable(key) for key, value in extra):
+        return None
+    namespace["_unfiltered"] = UnfilteredQuery
+    namespace["_query_model"] = model
+    namespace["_alias_cols"] = template.alias_cols
+    lines = [
+        "    query = _new(_unfiltered)\n",
+        "    query.model = _query_model\n",
+        "    query.alias_cols = _alias_cols\n",
+    ]
+    for index, (key, value) in enumerate(extra):
+        namespace[f"_query_{index}"] = value
+        lines.append(f"    query.{key} = _query_{index}\n")
+    return lines

@@ -14,20 +14,23 @@ from django.db.models.query_utils import DeferredAttribute
 from django.db.models.signals import post_init, pre_init
 
 from .. import _compat
+from .._compat import HAS_FETCH_MODES
+from ..access.modes import ModelStateWithMode, Peers
 from ..sql.compiler import CompiledQuery
 
 Rows = Sequence[Sequence[Any]]
 RowBuilder = Callable[[Rows], list[Model]]
 
 
-def row_builder(compiled: CompiledQuery) -> RowBuilder:
+def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> RowBuilder:
     """A function turning successive batches of raw rows for ``compiled`` into model
     instances, exactly as Django's ``ModelIterable`` does over the whole result.
 
     Applies field converters, select_related populators, annotations and extra
-    selects, known related objects and (Django 6.1+) fetch modes and peers (shared by
-    every batch), in ``ModelIterable.__iter__``'s order. Only reads existing instances
-    (known related objects); the instances it returns are new.
+    selects, known related objects and fetch modes and peers (shared by every batch,
+    or, with ``peers_per_batch``, the instances of each batch: a stream's chunks), in
+    ``ModelIterable.__iter__``'s order. Only reads existing instances (known related
+    objects); the instances it returns are new.
     """
     assert compiled.sql is not None
     queryset = compiled.queryset
@@ -59,7 +62,7 @@ def row_builder(compiled: CompiledQuery) -> RowBuilder:
         known_related.append((field, related_objs, attnames, operator.attrgetter(*attnames)))
     check_deferred = _compat.HAS_FETCH_MODES
     track_peers = _compat.tracks_peers(fetch_mode)
-    peers: list[Any] = []
+    peers: list[Any] = [] if _compat.HAS_FETCH_MODES else Peers()  # 5.2: see Peers
     col_count = compiler.col_count if compiler.has_extra_select else None
 
     plain = not (track_peers or populators or annotation_col_map or known_related)
@@ -74,6 +77,9 @@ def row_builder(compiled: CompiledQuery) -> RowBuilder:
             if whole_row:
                 return [from_db(db, init_list, row) for row in rows_out]
             return [from_db(db, init_list, row[start:end]) for row in rows_out]
+        nonlocal peers
+        if peers_per_batch and track_peers:
+            peers = [] if _compat.HAS_FETCH_MODES else Peers()
         instances: list[Model] = []
         peers_before = len(peers)
         try:
@@ -133,8 +139,12 @@ def fast_from_db(
         return None
     new_instance = object.__new__
 
+    # Django 5.2 has no fetch modes: the engine's go in slots (see ModelStateWithMode).
+    with_mode = fetch_mode is not None and not HAS_FETCH_MODES
+    state_class = ModelStateWithMode if with_mode else ModelState
+
     def new_state(db: str) -> ModelState:
-        state = ModelState()
+        state = state_class()
         state.adding = False
         state.db = db
         if fetch_mode is not None:

@@ -15,6 +15,7 @@ from typing import Any
 from django.db.models import Model
 from django.db.models.query import get_prefetcher
 
+from ..access.modes import PrefetchMode, default_mode, mode_of
 from ..hydration.caches import accept_caches, check_to_attr, traverse
 from ..planning.errors import cannot_find, not_prefetchable
 from ..planning.plan import Level
@@ -99,9 +100,26 @@ def decide(
                 level.querysets(),
                 session.config.chunk_size,
             )
+            parent_mode = mode_of(obj_to_fetch[0]) or (
+                session.root_mode if level.parent is None else None
+            )
+            if parent_mode is not None:
+                pass_mode_on(parent_mode, level.to_attr, relations)
             parts = [Part(rel, compile_queryset(rel.queryset)) for rel in relations]
             return Fetch(level, obj_to_fetch, parts, prefetcher)
     # Already fetched (select_related, an earlier lookup) or not a relation at all
     # (a property): walk on through the attribute's values.
     session.journal.rely_on(obj_list)
     return traverse(obj_list, level.through_attr)
+
+
+def pass_mode_on(parent_mode: PrefetchMode, name: str, relations: list[RelationQuery]) -> None:
+    """Give the instances each relation query builds the mode of path ``name`` below
+    ``parent_mode``, unless its queryset chose a mode of its own (a ``Prefetch``
+    queryset's ``fetch_mode()``; Django 6.1 hands the parents' mode down otherwise)."""
+    child = parent_mode.child(name)
+    for relation in relations:
+        queryset: Any = relation.queryset
+        current = queryset.__dict__.get("_fetch_mode")
+        if default_mode(current) or current is parent_mode:
+            queryset._fetch_mode = child

@@ -17,15 +17,18 @@ caches (through the journal).
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from django.db import connections
-from django.db.models import Model, QuerySet
+from django.db.backends.base.operations import BaseDatabaseOperations
+from django.db.models import Field, ForeignKey, IntegerField, Model, QuerySet
 from django.db.models.expressions import RawSQL
+from django.db.models.fields import AutoFieldMixin
 from django.db.models.fields.mixins import FieldCacheMixin
 from django.db.models.fields.related_descriptors import (
     ForwardManyToOneDescriptor,
@@ -49,6 +52,9 @@ __all__ = [
     "memo_level",
     "memos_by_model",
 ]
+
+# Integer fields' get_db_prep_value: Field's, or AutoField's.
+_INTEGER_DB_PREP = (Field.get_db_prep_value, AutoFieldMixin.get_db_prep_value)
 
 MemoSpec: TypeAlias = "Memo | Iterable[Memo] | None"
 """What a call or stream accepts as ``memo=``: one memo, several (one per model) or none."""
@@ -222,12 +228,14 @@ class MemoLevel:
     needed: list[Hashable]
     pairs: CompiledQuery | None = None
     targets: dict[Hashable, list[Hashable]] | None = None
-    #: The many-to-many source column's key, as Django matches it (``get_db_prep_value``).
+    #: The many-to-many source column's key, as Django matches it (``get_db_prep_value``);
+    #: ``None`` where that is the value itself.
     source_key: Any = None
     #: Forward one-to-one: the target's cache of its parent (Django's link-back).
     link_back: str | None = None
     found: dict[Hashable, Model] = field(default_factory=dict)
     missing: set[Hashable] = field(default_factory=set)
+    resolved: bool = False
     waiting: int = 0
     hits: int = 0
     step: StepTrace | None = None
@@ -240,8 +248,10 @@ class MemoLevel:
 
     def resolve(self) -> None:
         """Take what the memo holds; the rest is ``missing`` (nothing, for a loaded
-        ``all=True`` memo: a key it lacks has no row)."""
-        wanted = self.wanted() - self.found.keys()
+        ``all=True`` memo: a key it lacks has no row). Again later: only the keys still
+        missing are looked up."""
+        wanted = self.missing if self.resolved else self.wanted()
+        self.resolved = True
         held = self.memo.get_many(wanted)
         self.found.update(held)
         self.hits += len(held)
@@ -258,29 +268,34 @@ class MemoLevel:
         """Group the join rows ``(source column, target pk)`` by parent match key."""
         targets: dict[Hashable, list[Hashable]] = {}
         source_key = self.source_key
-        for source, pk in rows:
-            targets.setdefault(source_key(source), []).append(pk)
+        if source_key is None:
+            for source, pk in rows:
+                if (pks := targets.get(source)) is None:
+                    targets[source] = [pk]
+                else:
+                    pks.append(pk)
+        else:
+            for source, pk in rows:
+                targets.setdefault(source_key(source), []).append(pk)
         self.targets = targets
 
     def values(self) -> tuple[list[Any], list[Model]]:
         """Per parent, its related instance (or ``None``) or list of instances; and the
         distinct instances linked, in order of first use (the level's objects)."""
         found = self.found
-        linked: dict[int, Model] = {}
-        values: list[Any] = []
         if self.targets is None:
-            for key in self.needed:
-                instance = found.get(key) if key is not None else None
-                if instance is not None:
-                    linked.setdefault(id(instance), instance)
-                values.append(instance)
-        else:
-            targets = self.targets
-            for key in self.needed:
-                related = [found[pk] for pk in targets.get(key, ()) if pk in found]
-                for instance in related:
-                    linked.setdefault(id(instance), instance)
-                values.append(related)
+            # One instance per key: the distinct instances are those of the distinct keys.
+            values: list[Any] = list(map(found.get, self.needed))
+            first_use = [found[key] for key in dict.fromkeys(self.needed) if key in found]
+            return values, first_use
+        linked: dict[int, Model] = {}
+        values = []
+        targets = self.targets
+        for key in self.needed:
+            related = [found[pk] for pk in targets.get(key, ()) if pk in found]
+            for instance in related:
+                linked.setdefault(id(instance), instance)
+            values.append(related)
         return values, list(linked.values())
 
 
@@ -325,14 +340,15 @@ def _forward_level(
         if type(remote).set_cached_value is not FieldCacheMixin.set_cached_value:
             return None
         link_back = remote.cache_name
-    relation = build_relation_query(descriptor, prefetcher, parents, None)
+    # Only its kind (cache name, database, own lookups) is used: built for the first
+    # parent, which is what Django routes and hints the query with.
+    relation = build_relation_query(descriptor, prefetcher, parents[:1], None)
     if relation is None or relation.additional_lookups:
         return None
     alias = relation.queryset.db
     if not memo.serves(alias):
         return None
-    attname = fk.local_related_fields[0].attname
-    needed = [getattr(parent, attname) for parent in parents]
+    needed = list(map(operator.attrgetter(fk.local_related_fields[0].attname), parents))
     return MemoLevel(level, memo, alias, parents, relation, needed, link_back=link_back)
 
 
@@ -364,13 +380,16 @@ def _many_to_many_level(
     pairs = queryset.order_by(*ordering, row_order).values_list(
         f"_prefetch_related_val_{local.attname}", "pk"
     )
-    needed = [
-        target.get_db_prep_value(getattr(parent, target.attname), connection) for parent in parents
-    ]
+    values = list(map(operator.attrgetter(target.attname), parents))
+    source_key: Callable[[Any], Hashable] | None = None
+    if _keeps_ints(local, target, connection) and all(type(value) is int for value in values):
+        needed: list[Hashable] = values
+    else:
+        needed = [target.get_db_prep_value(value, connection) for value in values]
 
-    def source_key(value: Any) -> Hashable:
-        key: Hashable = local.get_db_prep_value(value, connection)
-        return key
+        def source_key(value: Any) -> Hashable:
+            key: Hashable = local.get_db_prep_value(value, connection)
+            return key
 
     return MemoLevel(
         level,
@@ -381,6 +400,21 @@ def _many_to_many_level(
         needed,
         pairs=compile_queryset(pairs),
         source_key=source_key,
+    )
+
+
+def _keeps_ints(local: Any, target: Any, connection: Any) -> bool:
+    """Whether Django's many-to-many match keys (``get_db_prep_value`` of the join
+    column ``local`` and of the parents' ``target`` field) map an ``int`` to itself:
+    Django's own integer preparation, and a backend that keeps an auto key's value.
+    The join rows' source column is then matched as read, when it is an ``int``."""
+    return (
+        type(local).get_db_prep_value is ForeignKey.get_db_prep_value
+        and isinstance(target, IntegerField)
+        and type(target).get_prep_value is IntegerField.get_prep_value
+        and type(target).get_db_prep_value in _INTEGER_DB_PREP
+        and type(connection.ops).validate_autopk_value
+        is BaseDatabaseOperations.validate_autopk_value
     )
 
 

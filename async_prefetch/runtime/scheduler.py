@@ -21,6 +21,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 from django.db.models import Model, QuerySet
 
+from ..access import events
+from ..access.modes import PrefetchMode
 from ..hydration.caches import accept_caches, fill_values, link_and_fill
 from ..planning.errors import already_seen
 from ..planning.plan import Level, Plan, normalize
@@ -45,14 +47,16 @@ async def run_prefetch(
     *,
     root_queryset: QuerySet[Any] | None = None,
     memo: MemoSpec = None,
+    mode: PrefetchMode | None = None,
 ) -> list[Model]:
     """Prefetch ``lookups`` onto ``instances`` (or the rows of ``root_queryset``),
-    consulting ``memo`` (see :mod:`.memo`).
+    consulting ``memo`` (see :mod:`.memo`); ``mode`` is the fetch mode the roots' related
+    instances derive theirs from when the roots have none (see :mod:`..access.modes`).
 
     Returns the instances. On any failure or cancellation the call's own writes are
     undone and no pooled connection stays checked out.
     """
-    return await run_in_session(Session(caller, memo), instances, lookups, root_queryset)
+    return await run_in_session(Session(caller, memo, mode), instances, lookups, root_queryset)
 
 
 async def run_in_session(
@@ -60,11 +64,17 @@ async def run_in_session(
     instances: list[Model],
     lookups: Sequence[Any],
     root_queryset: QuerySet[Any] | None = None,
+    *,
+    built: bool = False,
 ) -> list[Model]:
     """:func:`run_prefetch` in ``session`` (one limit, executors and trace for several
-    runs: the chunks of a stream), with a journal of its own."""
+    runs: the chunks of a stream), with a journal of its own. ``built``: the caller built
+    ``instances`` and nobody else can reach them yet (a stream's chunk, dropped whole if
+    its prefetch fails): writes to them are not recorded."""
     session.journal = Journal()
     session.journal.open()
+    if built:
+        session.journal.mark_created(instances)
     try:
         return await _Run(session).execute(instances, lookups, root_queryset, outer=True)
     finally:
@@ -199,6 +209,13 @@ class _Run:
     def _parent_objects(self, level: Level) -> list[Any]:
         return self._roots if level.parent is None else self._results[level.parent]
 
+    def _report_filled(self, level: Level, instances: list[Model]) -> None:
+        """Tell the N+1 report, when one listens, which caches ``level`` filled."""
+        if events.has_cache_listeners() and not level.as_attr:
+            mode = self._session.root_mode
+            where = mode.origin.where if mode is not None and mode.origin is not None else None
+            events.emit_filled(instances, level.key, level.through_attr, where=where)
+
     async def _finish(self, level: Level, objects: list[Any] | None) -> None:
         """Record ``level``'s objects and start its children (or skip them: no objects)."""
         self._results[level] = objects or []
@@ -316,6 +333,7 @@ class _Run:
         await self._session.sync_or_thread(
             link_and_fill, level, fetch.instances, links, related, self._session.journal
         )
+        self._report_filled(level, fetch.instances)
         if fetch.step is not None and self._trace is not None:
             self._trace.finish(fetch.step, len(related))
         if relation.additional_lookups:
@@ -365,6 +383,7 @@ class _Run:
             self._session.journal,
             served.link_back,
         )
+        self._report_filled(level, served.instances)
         if served.step is not None and self._trace is not None:
             self._trace.finish(served.step, served.hits)
         await self._finish(level, related)

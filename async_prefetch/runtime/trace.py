@@ -37,6 +37,8 @@ class RunTrace:
 
     origin: float = field(default_factory=time.perf_counter)
     steps: list[StepTrace] = field(default_factory=list)
+    #: Lookups learned plans added to calls in the block (``learn=True``), in order.
+    learned: list[str] = field(default_factory=list)
 
     def start(self, key: str, kind: str, sql: str | None = None, params: Any = None) -> StepTrace:
         step = StepTrace(key, kind, time.perf_counter() - self.origin, sql=sql, params=params)

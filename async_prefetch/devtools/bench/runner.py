@@ -811,6 +811,8 @@ def stream_table(results: Sequence[Result]) -> str:
         ("django_iterator", "engine_memo"),
         ("memoized_prefetch", "engine"),
         ("memoized_prefetch", "engine_memo"),
+        ("engine", "floor"),
+        ("engine_memo", "floor"),
     )
     lines = [
         "| RTT ms | runs | books | "

@@ -13,7 +13,12 @@ The sides (:data:`SIDES`) stream the same books in primary-key order with the sa
   join rows);
 * ``engine``: :func:`async_prefetch.iterator` (the synchronous stream) with ``LOOKUPS``;
 * ``engine_memo``: the same with ``Memo(Author)``, ``Memo(Publisher, all=True)`` and
-  ``Memo(Category)``.
+  ``Memo(Category)``;
+* ``floor``: a lower bound, not an equivalent (:meth:`StreamWorkload.floor`): every author,
+  publisher and category, and which categories each book has, already in memory (loaded
+  before the timer starts); timed, only what no stream can skip: the books' rows read with
+  one plain psycopg cursor (one round trip), each book built and given its caches the
+  cheapest way the loop body accepts, and the loop body.
 
 Memos (both kinds) are created inside each timed run: every run starts cold. Every side
 hands its books to :func:`consume`, the loop body: it reads each book's four relations once,
@@ -43,6 +48,7 @@ SIDES: Final = (
     "memoized_prefetch",
     "engine",
     "engine_memo",
+    "floor",
 )
 LOOKUPS: Final = ("author", "translator", "publisher", "categories")
 BOOKS: Final = 100_000
@@ -181,15 +187,106 @@ class StreamWorkload:
             "memoized_prefetch": lambda _: self._memoized_prefetch(alias),
             "engine": lambda _: self._engine(alias, memo=False),
             "engine_memo": lambda _: self._engine(alias, memo=True),
+            "floor": lambda _: self.floor(alias)(),
         }
         return sides[name]
 
     def timed(self, name: str, alias: str, runner: asyncio.Runner) -> tuple[float, Digest]:
-        """Seconds to stream and consume every book with side ``name``, and the digest."""
+        """Seconds to stream and consume every book with side ``name``, and the digest
+        (for ``floor``, what :meth:`floor` loads before returning is not timed)."""
+        if name == "floor":
+            floor = self.floor(alias)
+            started = time.perf_counter()
+            digest = floor()
+            return time.perf_counter() - started, digest
         body = self.side(name, alias)
         started = time.perf_counter()
         digest = body(runner)
         return time.perf_counter() - started, digest
+
+    def floor(self, alias: str) -> Callable[[], Digest]:
+        """The ``floor`` side: loads every author, publisher and category and which
+        categories each book has (in Django's order), then returns the part to time.
+
+        That part reads the books' rows with one plain psycopg cursor on ``alias``'s Django
+        connection (the whole result in one round trip, converted ``chunk_size`` rows at a
+        time), builds each book straight into its ``__dict__`` (``Model.__init__`` skipped),
+        writes its ``author``, ``translator`` and ``publisher`` into its fields cache and a
+        queryset holding its categories into its prefetch cache (sharing one template
+        queryset's state: lighter than the per-parent querysets Django leaves, but what the
+        loop body reads through ``categories.all()``), and consumes the books with
+        :func:`consume`. A lower bound for any stream of these books whose caches are
+        Django's types, not an equivalent of ``prefetch_related``.
+        """
+        from django.db import connections
+        from django.db.models.base import ModelState
+
+        from async_prefetch.devtools.bench import models
+
+        authors = models.StreamAuthor.objects.using(alias).in_bulk()
+        publishers = models.StreamPublisher.objects.using(alias).in_bulk()
+        categories = models.StreamCategory.objects.using(alias).in_bulk()
+        per_book: dict[int, list[Any]] = {}
+        pairs = (
+            models.StreamBookCategory.objects.using(alias)
+            .filter(book__seq__lt=self.books)
+            .order_by("book_id", "category_id")
+            .values_list("book_id", "category_id")
+        )
+        for book_id, category_id in pairs:
+            per_book.setdefault(book_id, []).append(categories[category_id])
+        root = self.root(alias)
+        first = root.first()
+        assert first is not None
+        template_queryset = first.categories.all()
+        template = dict(template_queryset.__dict__)
+        queryset_class = type(template_queryset)
+        book_class = models.StreamBook
+        names = [field.attname for field in book_class._meta.concrete_fields]
+        pk_at, author_at, translator_at, publisher_at = (
+            names.index(name) for name in ("id", "author_id", "translator_id", "publisher_id")
+        )
+        sql, params = root.query.get_compiler(alias).as_sql()
+        connection = connections[alias]
+        connection.ensure_connection()
+        chunk_size = self.chunk_size
+        new = object.__new__
+
+        def build(row: tuple[Any, ...]) -> Any:
+            book = new(book_class)
+            state = ModelState()
+            state.adding = False
+            state.db = alias
+            translator_id = row[translator_at]
+            state.fields_cache = {
+                "author": authors[row[author_at]],
+                "translator": None if translator_id is None else authors[translator_id],
+                "publisher": publishers[row[publisher_at]],
+            }
+            attrs = book.__dict__
+            attrs["_state"] = state
+            attrs.update(zip(names, row, strict=True))
+            queryset: Any = new(queryset_class)
+            queryset.__dict__.update(template)
+            queryset._result_cache = per_book.get(row[pk_at]) or []
+            queryset._prefetch_done = True
+            attrs["_prefetched_objects_cache"] = {"categories": queryset}
+            return book
+
+        def books() -> Iterator[Any]:
+            raw = connection.connection
+            assert raw is not None
+            with raw.cursor() as cursor:
+                cursor.execute(sql, params)
+                while rows := cursor.fetchmany(chunk_size):
+                    chunk = [build(row) for row in rows]
+                    del rows
+                    yield from chunk
+
+        def run() -> Digest:
+            return consume(books(), chunk_size)
+
+        return run
 
     def _django_iterator(self, alias: str) -> Digest:
         queryset = self.root(alias).prefetch_related(*LOOKUPS)

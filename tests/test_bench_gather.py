@@ -1,0 +1,67 @@
+"""``python -m async_prefetch.devtools.bench.gather --quick`` end to end.
+
+The bench configures its own Django settings, so it runs in a subprocess, on this test
+session's PostgreSQL through ``DATABASE_URL`` (as ``tests/test_bench.py`` does). The bench
+checks every side's result against Django's and exits non-zero on a difference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from async_prefetch.devtools.bench.gather import (
+    ATOMIC_SIDES,
+    ATOMIC_WORKLOADS,
+    GATHER_SIDES,
+    single_query_fetch_available,
+)
+from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(markdown: str, prefix: str) -> list[str]:
+    (line,) = [line for line in markdown.splitlines() if line.startswith(prefix)]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_quick_gather_bench_completes_with_results_equal_to_djangos(tmp_path: Path) -> None:
+    out = tmp_path / "gather.md"
+    env = dict(os.environ)
+    env["DATABASE_URL"] = get_server().url()
+    env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the bench configures its own
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "async_prefetch.devtools.bench.gather",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    report = out.read_text()
+    measured = [
+        s for s in GATHER_SIDES if s != "single_query_fetch" or single_query_fetch_available()
+    ]
+    gather = _row(report, "| 0 |")
+    assert len(gather) == 1 + len(measured) + 3
+    assert all(float(cell) > 0 for cell in gather[1 : 1 + len(measured)])
+    assert re.fullmatch(r"\d+\.\d\dx", gather[-3])  # agather / floor
+    for name in ATOMIC_WORKLOADS:
+        atomic = _row(report, f"| {name} | 0 |")
+        assert all(float(cell) > 0 for cell in atomic[2 : 2 + len(ATOMIC_SIDES)])
+    assert "## Targets (issue 16)" in report

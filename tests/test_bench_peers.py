@@ -1,0 +1,91 @@
+"""The peers and load benches end to end, at their smallest (``--quick``, one run).
+
+Both configure their own Django settings, so they run in a subprocess on this session's
+PostgreSQL through ``DATABASE_URL``. Skipped without the ``peers`` extra (Tortoise ORM,
+SQLAlchemy, asyncpg).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tortoise")
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("asyncpg")
+
+from async_prefetch.devtools.bench import load, peers
+from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` on this session's server; must exit 0."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = get_server().url()
+    env.pop(ENV_SOURCE, None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done
+
+
+def test_peers_quick_every_side_reads_djangos_rows(tmp_path: Path) -> None:
+    run_module(
+        "async_prefetch.devtools.bench.peers",
+        *("--quick", "--rtts", "0", "--runs", "1", "--out", str(tmp_path)),
+        *("--workloads", "fanout-100", "chain"),
+    )
+    report = json.loads((tmp_path / "peers.json").read_text())
+    assert report["sides"] == list(peers.SIDES)
+    results = report["results"]
+    assert [(r["workload"], r["rtt_ms"]) for r in results] == [("fanout-100", 0), ("chain", 0)]
+    for result in results:
+        assert result["error"] is None
+        assert result["roots"] > 0
+        assert set(result["median_ms"]) == set(peers.SIDES)
+        assert all(ms > 0 for ms in result["median_ms"].values())
+    markdown = (tmp_path / "peers.md").read_text()
+    assert "best peer / engine" in markdown
+    assert "FAILURES" not in markdown
+
+
+def test_load_quick_counts_calls_of_every_side(tmp_path: Path) -> None:
+    run_module(
+        "async_prefetch.devtools.bench.load",
+        *("--quick", "--rtts", "0", "--seconds", "0.3", "--rounds", "1", "--out", str(tmp_path)),
+        *("--threads", "2", "--callers", "4", "--cap", "2"),
+    )
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["errors"] == []
+    assert [r["side"] for r in report["results"]] == list(load.SIDES)
+    for result in report["results"]:
+        assert result["calls"] > 0
+        assert result["calls_per_second"][0] > 0
+        assert result["p99"] >= result["p50"] > 0
+
+
+def test_shapes_compare_the_many_to_many_as_a_set_and_report_the_first_difference() -> None:
+    django = [(1, ((3, None), (2, 7)), (10, 11))]
+    peer = [(1, ((2, 7), (3, None)), (10, 11))]
+    assert peers.normalized("chain", django) == peers.normalized("chain", peer)
+    assert peers.normalized("fanout-100", django) != peers.normalized("fanout-100", peer)
+    other = [(1, ((2, 7), (3, None)), (11, 10))]
+    assert "root #0" in peers.difference(
+        peers.normalized("chain", django), peers.normalized("chain", other)
+    )
+    assert "2 roots expected, 1 read" in peers.difference(django * 2, django)
