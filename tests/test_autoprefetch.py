@@ -158,7 +158,7 @@ def test_chosen_modes_are_kept(bookstore: Any) -> None:
     from django.db.models.fetch_modes import FETCH_PEERS
 
     with autoprefetch():
-        books = list(Book.objects.order_by("pk").fetch_mode(FETCH_PEERS))  # type: ignore[attr-defined]
+        books = list(Book.objects.order_by("pk").fetch_mode(FETCH_PEERS))
     assert books[0]._state.fetch_mode is FETCH_PEERS
 
 
@@ -170,14 +170,14 @@ def test_agrees_with_djangos_fetch_peers(bookstore: Any) -> None:
 
     for model, path in ((Book, "publisher"), (Book, "profile"), (Author, "mentor__mentor")):
         queryset = model._default_manager.order_by("pk")
-        expected = list(queryset.fetch_mode(FETCH_PEERS))  # type: ignore[attr-defined]
+        expected = list(queryset.fetch_mode(FETCH_PEERS))
         _, django_queries = queries(lambda e=expected, p=path: touch(e, p))  # type: ignore[misc]
         got = list(autoprefetch(queryset))
         _, auto_queries = queries(lambda g=got, p=path: touch(g, p))  # type: ignore[misc]
         assert auto_queries == django_queries
         assert_same_prefetch(expected, got, [], modes=False)
     # Beyond Django: the to-many step of a chain is fetched for all peers too.
-    expected = list(Book.objects.order_by("pk").fetch_mode(FETCH_PEERS))  # type: ignore[attr-defined]
+    expected = list(Book.objects.order_by("pk").fetch_mode(FETCH_PEERS))
     _, django_queries = queries(lambda: touch(expected, "authors__location"))
     got = list(autoprefetch(Book.objects.order_by("pk")))
     _, auto_queries = queries(lambda: touch(got, "authors__location"))

@@ -273,13 +273,17 @@ def test_a_failing_query_fails_the_call_with_djangos_error(
     consistent: bool | None, round_trips: int | None
 ) -> None:
     seed_bookstore()
-    with pytest.raises(django_db_utils.ProgrammingError, match="no_such_column") as caught:
-        async_to_sync(agather)(
+
+    async def gather() -> Any:
+        return await agather(
             Book.objects.prefetch_related("pages", FAILING_REVIEWS, "tags"),
             Author.objects.all(),
             consistent=consistent,
             round_trips=round_trips,
         )
+
+    with pytest.raises(django_db_utils.ProgrammingError, match="no_such_column") as caught:
+        async_to_sync(gather)()
     assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedColumn)
     assert async_to_sync(bridge.run_async)(settle_pool) == 0
     assert busy_engine_connections() == 0

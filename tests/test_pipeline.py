@@ -192,7 +192,7 @@ def test_failure_matches_django_and_leaves_no_caches() -> None:
 def test_failure_in_a_later_stage_undoes_the_earlier_ones() -> None:
     seed_bookstore()
     books = _books()
-    lookups = ("pages", Prefetch("authors__location", queryset=FAILING.queryset))  # type: ignore[union-attr]
+    lookups = ("pages", Prefetch("authors__location", queryset=FAILING.queryset))
     with pytest.raises(django_db_utils.ProgrammingError) as caught, transaction.atomic():
         async_prefetch.prefetch_related_objects(books, *lookups)
     assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedColumn)
