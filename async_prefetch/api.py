@@ -64,7 +64,7 @@ async def aprefetch(
     call = _Call.make("aprefetch", learn, key, consistent)
     if not isinstance(qs_or_instances, QuerySet):
         instances = list(qs_or_instances)
-        await _aprefetch_objects(instances, lookups, memo, call)
+        await _aprefetch_objects(instances, call.lookups_on(instances, lookups), memo, call)
         return instances
     queryset, all_lookups = split_lookups(qs_or_instances, lookups, using)
     all_lookups = call.lookups(queryset.model, all_lookups)
@@ -98,7 +98,6 @@ async def _aprefetch_objects(
 ) -> None:
     if not instances:
         return
-    lookups = call.lookups(type(instances[0]), lookups)
     if not engine_supports(alias_of(instances)):
         await sync_to_async(django_prefetch_related_objects)(instances, *lookups)
         return
@@ -120,7 +119,7 @@ def prefetch(
     call = _Call.make("prefetch", learn, key, consistent)
     if not isinstance(qs_or_instances, QuerySet):
         instances = list(qs_or_instances)
-        _prefetch_objects(instances, lookups, memo, call)
+        _prefetch_objects(instances, call.lookups_on(instances, lookups), memo, call)
         return instances
     queryset, all_lookups = split_lookups(qs_or_instances, lookups, using)
     all_lookups = call.lookups(queryset.model, all_lookups)
@@ -157,7 +156,6 @@ def _prefetch_objects(
 ) -> None:
     if not instances:
         return
-    lookups = call.lookups(type(instances[0]), lookups)
     if not engine_supports(alias_of(instances)):
         django_prefetch_related_objects(instances, *lookups)
         return
@@ -190,6 +188,10 @@ class _Call:
         marks = HAS_FETCH_MODES or learn or function.startswith("a") or has_listeners()
         ensure_installed(to_one=marks)
         return cls(function, where, learned, marks, consistent)
+
+    def lookups_on(self, instances: list[Any], lookups: Sequence[Lookup]) -> list[Lookup]:
+        """:meth:`lookups` for a call given ``instances`` (of the first one's model)."""
+        return self.lookups(type(instances[0]), lookups) if instances else list(lookups)
 
     def lookups(self, model: type[Model], lookups: Sequence[Lookup]) -> list[Lookup]:
         """``lookups`` plus what the call site learned (and the trace notes)."""

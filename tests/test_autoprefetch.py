@@ -225,7 +225,8 @@ async def test_lazy_access_in_an_event_loop_names_the_lookup(bookstore: Any) -> 
         list(books[0].pages.all())
     # In a thread (sync_to_async), the same access loads as Django would.
     location = await sync_to_async(lambda: author.location)()
-    assert location is None or location.pk is not None
+    expected = await Author.objects.select_related("location").aget(pk=author.pk)
+    assert location == expected.location
 
 
 @pytest.mark.anyio
@@ -295,10 +296,14 @@ def test_engine_streams_chunks_are_peer_groups(bookstore: Any) -> None:
     """``iterator(autoprefetch(qs), ...)``: each chunk's books are peers, not the stream's."""
     n = Book.objects.count()
     chunk = 2
+    peer_counts = []
     with CaptureQueriesContext(connection) as ctx:
         for book in async_prefetch.iterator(
             autoprefetch(Book.objects.order_by("pk")), "authors", chunk_size=chunk
         ):
+            peer_counts.append(len(book._state.peers))
             book.publisher  # noqa: B018
+    # Each book's peers are its chunk's books: not every book the stream built so far.
+    assert peer_counts == [min(chunk, n - i // chunk * chunk) for i in range(n)]
     publisher_queries = [q for q in ctx.captured_queries if "testapp_publisher" in q["sql"]]
     assert 0 < len(publisher_queries) <= -(-n // chunk)

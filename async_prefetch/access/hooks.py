@@ -60,7 +60,6 @@ from .modes import AUTO, Peers, PrefetchMode, attribute_name, default_mode, stat
 __all__ = [
     "auto_enabled",
     "ensure_installed",
-    "installed",
     "reads_watched",
     "uninstall",
     "watch_caches",
@@ -92,10 +91,6 @@ def _read_auto_setting(**kwargs: Any) -> None:
     _auto_setting = config is not None and config.auto
     if _auto_setting:
         ensure_installed(to_one=True)
-
-
-def installed() -> bool:
-    return _installed
 
 
 def ensure_installed(*, to_one: bool = False) -> None:

@@ -22,12 +22,13 @@ A miss on an instance with a :class:`PrefetchMode`:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import SynchronousOnlyOperation
@@ -273,12 +274,9 @@ def default_mode(mode: Any) -> bool:
     return mode is None or mode is DEFAULT_MODE
 
 
-@dataclass(eq=False)
-class _Names:
-    by_descriptor: dict[tuple[type, int], str | None] = field(default_factory=dict)
-
-
-_names = _Names()
+#: (model, id of descriptor) -> attribute name (descriptors are class attributes: they
+#: live as long as their model, so their ids are stable).
+_names: dict[tuple[type, int], str | None] = {}
 
 
 def attribute_name(model: type, descriptor: Any) -> str | None:
@@ -286,7 +284,7 @@ def attribute_name(model: type, descriptor: Any) -> str | None:
     lookup step for it. ``None`` when none does."""
     key = (model, id(descriptor))
     try:
-        return _names.by_descriptor[key]
+        return _names[key]
     except KeyError:
         pass
     name = None
@@ -297,7 +295,7 @@ def attribute_name(model: type, descriptor: Any) -> str | None:
                 break
         if name is not None:
             break
-    _names.by_descriptor[key] = name
+    _names[key] = name
     return name
 
 
@@ -332,12 +330,17 @@ def call_site(depth: int = 1) -> str | None:
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if not (module == "async_prefetch" or module.startswith(_SKIPPED_PREFIXES)):
-            filename = frame.f_code.co_filename
-            try:
-                relative = os.path.relpath(filename)
-            except ValueError:  # another drive (Windows)
-                relative = filename
-            shown = relative if not relative.startswith("..") else filename
-            return f"{shown}:{frame.f_lineno}"
+            return f"{_shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_path(filename: str) -> str:
+    """``filename`` relative to the working directory when under it (computing that is
+    most of :func:`call_site`'s cost, and a site's file comes back on every call)."""
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return relative if not relative.startswith("..") else filename

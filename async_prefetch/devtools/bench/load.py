@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from async_prefetch.devtools.bench.peers import (
     POOL_SIZE,
-    alias_for,
     configure_django,
     prepare,
     proxied,
     read_fanout_django,
     versions,
 )
+from async_prefetch.devtools.bench.runner import alias_for
 
 if TYPE_CHECKING:
     from async_prefetch.devtools.bench.workloads import Workload

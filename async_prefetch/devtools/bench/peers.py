@@ -69,6 +69,13 @@ import django
 from django.conf import settings
 from django.core.management import call_command
 
+from async_prefetch.devtools.bench.runner import (
+    CollectorClock,
+    _ms,
+    _progress,
+    _ratio,
+    alias_for,
+)
 from async_prefetch.devtools.bench.workloads import build_workloads
 from async_prefetch.devtools.demo.bookstore import DEMO_APP
 from async_prefetch.devtools.embedded import ENV_SOURCE, ServerInfo, get_server
@@ -111,11 +118,6 @@ def _retain(objects: Any) -> None:
 
 class ResultMismatchError(AssertionError):
     """A side read other primary keys (or in another order) than Django's prefetch_related."""
-
-
-def alias_for(rtt_ms: float) -> str:
-    """The Django database alias for ``rtt_ms``: ``rtt0``, ``rtt1``, ``rtt0_5``."""
-    return f"rtt{rtt_ms:g}".replace(".", "_")
 
 
 def available_sides() -> list[str]:
@@ -530,28 +532,6 @@ def measures(
 
 
 # -- one workload at one RTT -----------------------------------------------------------------
-
-
-class CollectorClock:
-    """Wall time the cyclic garbage collector runs while this is entered, on any thread."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started: float | None = None
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        elif self._started is not None:
-            self.seconds += time.perf_counter() - self._started
-            self._started = None
-
-    def __enter__(self) -> CollectorClock:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        gc.callbacks.remove(self._callback)
 
 
 @dataclass
@@ -1045,14 +1025,6 @@ def memory_table(memory: Sequence[Memory], sides: Sequence[str]) -> str:
 # -- reports ----------------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
 def results_table(results: Sequence[Result], sides: Sequence[str]) -> str:
     """Markdown: medians per side, the best peer, engine vs Django sync and vs the best peer."""
     head = ["workload", "RTT ms", "runs", *(f"{s} ms" for s in sides)]
@@ -1152,10 +1124,6 @@ def markdown_report(
 
 
 # -- main -------------------------------------------------------------------------------------
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
