@@ -142,6 +142,9 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     """
     if not is_djangos_related_manager(manager):
         return manager.get_queryset()  # type: ignore[no-any-return]
+    inherited = ancestor_prefetched(manager)
+    if inherited is not None:
+        return inherited
     queryset: Any = super(type(manager), manager).get_queryset()
     if RELATED_FILTERS_IN_PLACE:  # what get_queryset() does without a prefetched result
         return manager._apply_rel_filters(queryset)  # type: ignore[no-any-return]
@@ -158,6 +161,21 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     finally:
         del queryset._chain
     return filtered
+
+
+def ancestor_prefetched(manager: Any) -> QuerySet[Any] | None:
+    """The prefetched queryset Django 6.1's many-to-many ``manager.get_queryset()``
+    returns from a multi-table ancestor of its instance (``get_prefetch_cache()`` walks
+    the cached parent links), when the instance's own cache has none; ``None`` on
+    earlier versions, for other managers, or when no ancestor holds one."""
+    get_prefetch_cache = getattr(manager, "get_prefetch_cache", None)
+    instance = manager.instance
+    if get_prefetch_cache is None or not instance._meta.parents:
+        return None
+    own = getattr(instance, "_prefetched_objects_cache", None)
+    if own is not None and prefetch_cache_name(manager) in own:
+        return None
+    return get_prefetch_cache()  # type: ignore[no-any-return]
 
 
 def prefetch_cache_name(manager: Any) -> str:

@@ -17,7 +17,8 @@ from .access.auto import mode_for_call
 from .access.events import has_listeners
 from .access.hooks import ensure_installed
 from .access.learn import LearnedPlan, plan_for
-from .access.modes import Origin, PrefetchMode, call_site
+from .access.modes import Origin, PrefetchMode
+from .access.sites import call_site
 from .dispatch import (
     capture_async_caller,
     engine_root,

@@ -41,7 +41,7 @@ import psycopg
 from asgiref.sync import SyncToAsync
 from django.db import connections
 
-from async_prefetch.devtools.embedded import ServerInfo, _watchdog, find_postgres_bindir
+from async_prefetch.devtools.embedded import ServerInfo, _watchdog, find_postgres_bindir, get_server
 from async_prefetch.execution.pools import close_pools_of
 from async_prefetch.runtime import bridge
 
@@ -428,6 +428,24 @@ def start_pgbouncer(primary: ServerInfo, *, pool_size: int = 20) -> PgBouncer:
 
 
 @contextlib.contextmanager
+def pgbouncer_databases(pool_size: int, entries: dict[str, dict[str, Any]]) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction pooling, ``pool_size`` server connections) in front of the
+    test primary, reached through ``DATABASES`` aliases (:func:`extra_databases`): each of
+    ``entries`` the test database through PgBouncer, with the given keys replaced.
+    Raises :class:`Unavailable` when there is no ``pgbouncer``; stopped on exit."""
+    server = start_pgbouncer(get_server(), pool_size=pool_size)
+    try:
+        through = {"HOST": "127.0.0.1", "PORT": str(server.port), "TEST": {"MIRROR": "default"}}
+        with extra_databases({alias: {**through, **keys} for alias, keys in entries.items()}):
+            yield server
+    finally:
+        server.stop()
+
+
+_used_aliases: set[str] = set()
+
+
+@contextlib.contextmanager
 def extra_databases(entries: dict[str, dict[str, Any]]) -> Iterator[None]:
     """``DATABASES`` (and Django's connection handler) with ``entries`` added, each a
     copy of the ``default`` entry (the test database) with the given keys replaced; on
@@ -435,6 +453,14 @@ def extra_databases(entries: dict[str, dict[str, Any]]) -> Iterator[None]:
     databases = connections.settings  # settings.DATABASES itself, defaults filled in
     for alias, overrides in entries.items():
         assert alias not in databases, alias
+        # Threads this process no longer reaches (executor workers) may still hold a
+        # Django connection wrapper for an alias used before, with its old settings:
+        # an alias is used once per process.
+        assert alias not in _used_aliases, (
+            f"extra_databases(): alias {alias!r} was used before in this process; "
+            "give each use its own alias"
+        )
+        _used_aliases.add(alias)
         entry = copy.deepcopy(connections["default"].settings_dict)
         entry.update(overrides)
         databases[alias] = entry

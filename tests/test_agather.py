@@ -15,11 +15,12 @@ from django.core.exceptions import FieldError
 from django.db import DataError, connection, connections, transaction
 from django.db.models import Count, F, Prefetch, QuerySet
 from django.db.models.expressions import RawSQL
+from django.db.models.sql.compiler import SQLCompiler
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 from async_prefetch.dispatch import FallbackWarning, _warned_aliases
-from async_prefetch.gather import MethodCall, agather
+from async_prefetch.gather import MethodCall, agather, run_methods
 from async_prefetch.runtime import bridge
 from tests.cache_snapshot import render, snapshot
 from tests.conftest import Bookstore
@@ -128,6 +129,34 @@ async def test_fills_each_querysets_result_cache_as_list_does(bookstore: Booksto
 
 @pytest.mark.anyio
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("engine_only")
+async def test_each_query_is_compiled_once(
+    bookstore: Bookstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked for Django's errors before any query, the root queries are sent as
+    compiled then (not compiled again); ``list(qs)`` is not replayed; the prefetch
+    done flag is Django's."""
+    compiled: list[str] = []
+    as_sql = SQLCompiler.as_sql
+
+    def counting(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(self.query.model.__name__ if self.query.model else "")
+        return as_sql(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLCompiler, "as_sql", counting)
+    books, authors = Book.objects.prefetch_related("pages"), Author.objects.order_by("pk")
+    await agather(books, authors)
+    assert sorted(compiled) == ["Author", "Book", "Page"]
+    assert books._prefetch_done  # type: ignore[attr-defined]
+    assert not authors._prefetch_done  # type: ignore[attr-defined]  # as list(qs) leaves it
+    compiled.clear()
+    count = MethodCall(Author.objects.filter(pk__gt=0), lambda qs: qs.count())
+    assert await run_methods([count]) == [len(bookstore.author_ids)]
+    assert compiled == ["Author", "Author"]  # Django's count(), run again with its answer
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
 async def test_root_queries_run_at_once_under_one_limit(settings: Any) -> None:
     """At once; and with ``MAX_CONCURRENCY`` 1 one after the other: one limit for the
     call, not one per queryset."""
@@ -195,6 +224,8 @@ async def test_djangos_errors_and_before_any_query_those_that_need_none(
             await agather(Book.objects.all(), [])  # type: ignore[call-overload]
         with pytest.raises(FieldError, match=re.escape(str(django_compile_error.value))):
             await agather(slow(Author.objects.all()), bad_sql())
+        with pytest.raises(FieldError, match=re.escape(str(django_compile_error.value))):
+            await agather(bad_sql())
     assert sql == []
     with pytest.raises(AttributeError) as lookup_error:  # needs the rows, as in Django
         await agather(Author.objects.all(), bad_lookup())

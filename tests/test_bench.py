@@ -8,10 +8,8 @@ not in pytest-django's test database) instead of starting another server.
 from __future__ import annotations
 
 import json
-import os
 import pstats
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,28 +17,12 @@ from typing import Any
 from async_prefetch.devtools.bench import stream
 from async_prefetch.devtools.bench.runner import PROFILER_PER_THREAD, SIDES
 from async_prefetch.devtools.bench.workloads import NAMES
-from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_process import run_module
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     """``python -m async_prefetch bench --quick *args`` on this session's server; must exit 0."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = get_server().url()
-    env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
-    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the bench configures its own
-    done = subprocess.run(
-        [sys.executable, "-m", "async_prefetch", "bench", "--quick", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    return done
+    return run_module("async_prefetch", "bench", "--quick", *args)
 
 
 def test_quick_bench_writes_reports_and_results_match(tmp_path: Path) -> None:

@@ -7,10 +7,7 @@ checks every side's result against Django's and exits non-zero on a difference.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from async_prefetch.devtools.bench.gather import (
@@ -19,9 +16,7 @@ from async_prefetch.devtools.bench.gather import (
     GATHER_SIDES,
     single_query_fetch_available,
 )
-from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_process import run_module
 
 
 def _row(markdown: str, prefix: str) -> list[str]:
@@ -31,27 +26,7 @@ def _row(markdown: str, prefix: str) -> list[str]:
 
 def test_quick_gather_bench_completes_with_results_equal_to_djangos(tmp_path: Path) -> None:
     out = tmp_path / "gather.md"
-    env = dict(os.environ)
-    env["DATABASE_URL"] = get_server().url()
-    env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
-    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the bench configures its own
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "async_prefetch.devtools.bench.gather",
-            "--quick",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    run_module("async_prefetch.devtools.bench.gather", "--quick", "--out", str(out))
 
     report = out.read_text()
     measured = [

@@ -8,9 +8,6 @@ SQLAlchemy, asyncpg).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,28 +17,7 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("asyncpg")
 
 from async_prefetch.devtools.bench import load, peers
-from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m module *args`` on this session's server; must exit 0."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = get_server().url()
-    env.pop(ENV_SOURCE, None)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    return done
+from tests.bench_process import run_module
 
 
 def test_peers_quick_every_side_reads_djangos_rows(tmp_path: Path) -> None:

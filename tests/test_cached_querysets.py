@@ -171,23 +171,61 @@ def test_template_state_decides_what_is_shared(bookstore: Bookstore) -> None:
     template: Any = _compat.related_manager_queryset(book.pages)
     template.marker = "shared"
     template.scratch = []
-    make = queryset_template.queryset_factory(template)
+    parts = queryset_template.ParentParts(("id",), (("book", -1),), known_field=None)
+
+    def factory() -> Any:
+        return queryset_template.queryset_factory(template, Book, parts)
+
+    make = factory()
     assert make is not None
-    made: Any = make(other, {"book": other}, {})
+    result = [object()]
+    (made,) = make([other], [result], _unexpected_fallback)
     assert made.marker is template.marker
     assert made.scratch == []
     assert made.scratch is not template.scratch
     assert made._hints["instance"] is other
+    assert made._deferred_filter == (False, (), {"book": other})
+    assert made._known_related_objects == {}
+    assert made._result_cache is result
+    assert made._prefetch_done is True
     assert list(vars(made)) == list(vars(template))  # Django's attribute order
 
     template.scratch.append(1)  # mutable state every parent would share
-    assert queryset_template.queryset_factory(template) is None
+    assert factory() is None
     del template.scratch
     template._result_cache = [other]  # an evaluated template: not a manager's fresh queryset
-    assert queryset_template.queryset_factory(template) is None
+    assert factory() is None
     template._result_cache = None
     for name in ("not an identifier", "class", "__debug__", "\ufb01"):  # the last is NFKC "fi"
         setattr(template, name, 1)
-        assert queryset_template.queryset_factory(template) is None, name
+        assert factory() is None, name
         delattr(template, name)
-    assert queryset_template.queryset_factory(template) is not None
+    assert factory() is not None
+
+
+def _unexpected_fallback(parent: Model, result: Any) -> Any:
+    raise AssertionError(f"fallback for {parent!r}")
+
+
+def test_fallback_in_the_parents_order(bookstore: Bookstore) -> None:
+    """A parent of another class, or with a ``None`` key, gets the fallback's queryset, in
+    its place among the derived ones."""
+    book, other, third = Book.objects.order_by("pk")[:3]
+    template: Any = _compat.related_manager_queryset(book.pages)
+    parts = queryset_template.ParentParts(("isbn",), (("book", -1),), known_field=None)
+    make = queryset_template.queryset_factory(template, Book, parts)
+    assert make is not None
+    ebook = EBook.objects.get()
+    other.isbn = None  # type: ignore[assignment]
+    calls: list[Any] = []
+
+    def fallback(parent: Model, result: Any) -> Any:
+        calls.append(parent)
+        return ("fallback", result)
+
+    made = make([book, ebook, other, third], [1, 2, 3, 4], fallback)
+    assert calls == [ebook, other]
+    assert made[1] == ("fallback", 2)
+    assert made[2] == ("fallback", 3)
+    assert [made[0]._result_cache, made[3]._result_cache] == [1, 4]
+    assert made[3]._hints["instance"] is third

@@ -7,6 +7,7 @@ stage sees the write (the stages disagree), with it never.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,6 @@ from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
-from async_prefetch.devtools.embedded import get_server
 from async_prefetch.execution.pools import connection_kwargs
 from async_prefetch.gather import agather
 from async_prefetch.runtime import bridge
@@ -31,7 +31,7 @@ from async_prefetch.streaming import iterator
 from tests.factories import seed_bookstore
 from tests.run_state import busy_engine_connections, settle_pool, sleepers
 from tests.server_time import SLEEP, SLEEPING, slow, start_of
-from tests.servers import Unavailable, extra_databases, start_pgbouncer
+from tests.servers import Unavailable, pgbouncer_databases
 from tests.testapp.models import Author, Book, Page, Review
 from tests.thirdparty.models import Pet
 
@@ -205,19 +205,15 @@ def test_inside_read_committed_atomic_consistent_is_refused() -> None:
 @pytest.fixture(scope="module")
 def bouncer(django_db_setup: None) -> Iterator[str]:
     """An alias of the test database through PgBouncer in transaction pooling mode."""
-    try:
-        server = start_pgbouncer(get_server(), pool_size=3)
-    except Unavailable as exc:
-        pytest.skip(f"no PgBouncer: {exc}")
-    try:
-        through = {"HOST": "127.0.0.1", "PORT": str(server.port), "TEST": {"MIRROR": "default"}}
-        # An alias of this module's own: tests/test_pgbouncer.py's "bouncer" is another
-        # PgBouncer, and threads may still hold a Django connection wrapper for this one.
-        alias = "bouncer_consistent"
-        with extra_databases({alias: {**through, "DISABLE_SERVER_SIDE_CURSORS": True}}):
-            yield alias
-    finally:
-        server.stop()
+    alias = "bouncer_consistent"  # extra_databases(): one use per alias and process
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                pgbouncer_databases(3, {alias: {"DISABLE_SERVER_SIDE_CURSORS": True}})
+            )
+        except Unavailable as exc:
+            pytest.skip(f"no PgBouncer: {exc}")
+        yield alias
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "bouncer_consistent"])

@@ -9,6 +9,7 @@ PgBouncer's own statistics show that the engine's queries went through it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -28,7 +29,7 @@ from async_prefetch.streaming import aiterator, iterator
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
 from tests.server_time import slow
-from tests.servers import PgBouncer, Unavailable, extra_databases, start_pgbouncer
+from tests.servers import PgBouncer, Unavailable, pgbouncer_databases
 from tests.testapp.models import Book, Page
 
 pytestmark = pytest.mark.django_db(
@@ -44,21 +45,16 @@ POOL_SIZE = 3
 @pytest.fixture(scope="module")
 def bouncer(django_db_setup: None) -> Iterator[PgBouncer]:
     """PgBouncer (transaction pooling) in front of the test primary, as two aliases."""
-    try:
-        server = start_pgbouncer(get_server(), pool_size=POOL_SIZE)
-    except Unavailable as exc:
-        pytest.skip(f"no PgBouncer: {exc}")
-    try:
-        through = {"HOST": "127.0.0.1", "PORT": str(server.port), "TEST": {"MIRROR": "default"}}
-        with extra_databases(
-            {
-                "bouncer": {**through, "DISABLE_SERVER_SIDE_CURSORS": True},
-                "bouncer_cursors": {**through, "DISABLE_SERVER_SIDE_CURSORS": False},
-            }
-        ):
-            yield server
-    finally:
-        server.stop()
+    entries = {
+        "bouncer": {"DISABLE_SERVER_SIDE_CURSORS": True},
+        "bouncer_cursors": {"DISABLE_SERVER_SIDE_CURSORS": False},
+    }
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(pgbouncer_databases(POOL_SIZE, entries))
+        except Unavailable as exc:
+            pytest.skip(f"no PgBouncer: {exc}")
+        yield server
 
 
 def queries_through(server: PgBouncer) -> int:

@@ -8,8 +8,10 @@ proxy; results are compared with Django's own prefetching.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -244,6 +246,45 @@ def test_five_siblings_inside_atomic_cost_one_round_trip(
         assert pipelines_seen == [2, 6]
         assert elapsed < 5.5 * RTT, f"agather took {elapsed / RTT:.2f} round trips"
         transaction.set_rollback(True)
+
+
+def test_begin_rides_in_the_transactions_first_pipeline(
+    default_through_proxy: LatencyProxyProcess, pipelines_seen: list[int], tmp_path: Path
+) -> None:
+    # The call's root query is the transaction's first statement: psycopg would send
+    # BEGIN and wait for it (a round trip of its own) before queueing the query.
+    trace = tmp_path / "libpq.trace"
+    with transaction.atomic():
+        raw = connection.connection
+        with trace.open("w") as out:
+            raw.pgconn.trace(out.fileno())
+            raw.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                async_prefetch.prefetch(Book.objects.order_by("pk"), *SIBLINGS)
+            finally:
+                raw.pgconn.untrace()
+        assert pipelines_seen == [1, 5]
+        # BEGIN with the root query, then the five siblings.
+        assert _round_trips(trace.read_text()) == 2
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        assert not raw.autocommit
+        assert connection.in_atomic_block
+        assert not connection.needs_rollback
+        book = Book.objects.order_by("pk").first()
+        assert book is not None
+        with transaction.atomic():  # a savepoint in the transaction the engine began
+            Page.objects.create(book=book, number=98)
+        Page.objects.create(book=book, number=99)
+        transaction.set_rollback(True)
+    assert not Page.objects.filter(number__in=[98, 99]).exists()
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def _round_trips(trace: str) -> int:
+    """How many times the client waited for the server in a libpq trace (timestamps
+    suppressed): client messages (``F``) followed by a server message (``B``)."""
+    directions = [line.split("\t", 1)[0] for line in trace.splitlines() if "\t" in line]
+    return sum(1 for sent, got in itertools.pairwise(directions) if (sent, got) == ("F", "B"))
 
 
 def test_round_trips_1_on_the_pool(

@@ -11,7 +11,8 @@ from django.db.models import Model, QuerySet
 from .. import _compat
 from .hooks import auto_block, auto_enabled, ensure_installed
 from .learn import LearnedPlan
-from .modes import Origin, PrefetchMode, call_site, default_mode
+from .modes import Origin, PrefetchMode, default_mode
+from .sites import call_site
 
 __all__ = ["autoprefetch", "mode_for_call"]
 

@@ -25,7 +25,7 @@ On Django 6.1, Django's own ``FetchOne.fetch`` and ``FetchPeers.fetch`` report t
 load (:class:`~.events.LazyLoad`) while someone listens, as the 5.2 descriptors do.
 
 While someone watches the caches (:func:`watch_caches`, the N+1 report), and only then,
-further hooks are in place (:func:`_apply_read_hooks`): the to-one descriptors report
+further hooks are in place (:mod:`.read_hooks`): the to-one descriptors report
 each read (:func:`.events.emit_read`), and Django's ``prefetch_one_level`` each level it
 filled (:func:`.events.emit_filled`); a related manager's ``get_queryset()`` reports
 reads of its prefetched result. With nobody watching, the descriptors are exactly as
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -47,20 +46,16 @@ from weakref import ref as weak_ref
 from django.apps import apps
 from django.core.signals import setting_changed
 from django.db.models import Model, QuerySet
-from django.db.models import query as django_query
-from django.db.models.constants import LOOKUP_SEP
 from django.db.models.fields import related_descriptors
 from django.db.models.query import ModelIterable
-from django.db.models.query_utils import DeferredAttribute
 
 from .. import _compat
-from . import events
+from . import events, read_hooks, to_one
 from .modes import AUTO, Peers, PrefetchMode, attribute_name, default_mode, state_mode
 
 __all__ = [
     "auto_enabled",
     "ensure_installed",
-    "reads_watched",
     "uninstall",
     "watch_caches",
 ]
@@ -117,18 +112,18 @@ def _install_to_one() -> None:
         _patch(
             related_descriptors.ForwardManyToOneDescriptor,
             "__get__",
-            _to_one_get(_forward_has_value),
+            to_one.to_one_get(to_one.forward_has_value),
         )
         _patch(
             related_descriptors.ReverseOneToOneDescriptor,
             "__get__",
-            _to_one_get(_reverse_has_value),
+            to_one.to_one_get(to_one.reverse_has_value),
         )
         if apps.is_installed("django.contrib.contenttypes"):
             from django.contrib.contenttypes.fields import GenericForeignKey
 
-            _patch(GenericForeignKey, "__get__", _to_one_get(_generic_has_value))
-        _reapply_read_hooks()  # the report's read hooks stay outermost
+            _patch(GenericForeignKey, "__get__", to_one.to_one_get(to_one.generic_has_value))
+        read_hooks.reapply()  # the report's read hooks stay outermost
         _to_one_installed = True
 
 
@@ -145,9 +140,9 @@ def _install() -> None:
         else:
             from django.db.models import fetch_modes
 
-            _patch(fetch_modes.FetchOne, "fetch", _django_fetch(peers=False))
-            _patch(fetch_modes.FetchPeers, "fetch", _django_fetch(peers=True))
-        _reapply_read_hooks()
+            _patch(fetch_modes.FetchOne, "fetch", to_one.django_fetch(peers=False))
+            _patch(fetch_modes.FetchPeers, "fetch", to_one.django_fetch(peers=True))
+        read_hooks.reapply()
         _installed = True
         _read_auto_setting()
         setting_changed.connect(_read_auto_setting, dispatch_uid="async_prefetch.auto")
@@ -157,12 +152,12 @@ def uninstall() -> None:
     """Restore every function the hooks replaced (tests)."""
     global _installed, _to_one_installed
     with _lock:
-        _remove_read_hooks()
+        read_hooks.remove()
         while _patched:
             owner, name, original = _patched.pop()
             setattr(owner, name, original)
         if _watchers:
-            _apply_read_hooks()  # an open report keeps seeing reads
+            read_hooks.apply()  # an open report keeps seeing reads
         _installed = _to_one_installed = False
 
 
@@ -338,76 +333,9 @@ def _clone(original: Any) -> Any:
     return _clone
 
 
-# -- Django 5.2: to-one descriptors call the mode -----------------------------------------
-
-
-def _to_one_get(has_value: Callable[[Any, Model], bool]) -> Callable[[Any], Any]:
-    def make(original: Any) -> Any:
-        def __get__(self: Any, instance: Model | None, cls: type | None = None) -> Any:
-            if instance is None:
-                return original(self, instance, cls)
-            mode = getattr(instance._state, "fetch_mode", None)
-            if (mode is None and not events.has_listeners()) or self.is_cached(instance):
-                return original(self, instance, cls)
-            if not has_value(self, instance):
-                return original(self, instance, cls)
-            name = attribute_name(type(instance), self)
-            if name is None:
-                return original(self, instance, cls)
-            if not isinstance(mode, PrefetchMode):
-                events.emit(events.LazyLoad(instance, name, None, None, 1, False))
-                return original(self, instance, cls)
-            mode.on_miss(instance, name, many=False, missing=lambda p: not self.is_cached(p))
-            related = original(self, instance, cls)
-            mode.adopt(related, name)
-            return related
-
-        return __get__
-
-    return make
-
-
-def _forward_has_value(descriptor: Any, instance: Model) -> bool:
-    return None not in descriptor.field.get_local_related_value(instance)
-
-
-def _reverse_has_value(descriptor: Any, instance: Model) -> bool:
-    return instance.pk is not None
-
-
-def _generic_has_value(descriptor: Any, instance: Model) -> bool:
-    ct_field = descriptor.model._meta.get_field(descriptor.ct_field)
-    return getattr(instance, ct_field.attname, None) is not None
-
-
-# -- Django 6.1: Django's own fetch modes report lazy loads -------------------------------
-
-
-def _django_fetch(*, peers: bool) -> Callable[[Any], Any]:
-    def make(original: Any) -> Any:
-        def fetch(self: Any, fetcher: Any, instance: Model) -> None:
-            if events.has_listeners() and not isinstance(fetcher, DeferredAttribute):
-                name = attribute_name(type(instance), fetcher)
-                if name is not None:
-                    count = 1
-                    if peers:
-                        refs = getattr(instance._state, "peers", ())
-                        count = max(1, sum(1 for ref in refs if ref() is not None))
-                    events.emit(events.LazyLoad(instance, name, None, None, count, False))
-            original(self, fetcher, instance)
-
-        return fetch
-
-    return make
-
-
 # -- reads and fills of prefetch caches, while someone watches ----------------------------
 
 _watchers = 0
-_read_patched: list[tuple[Any, str, Any, Any]] = []  # owner, name, below, ours
-#: Code that reads relations to prefetch them (Django's and the engine's walks): not
-#: the application reading what was prefetched.
-_walk_codes: frozenset[Any] = frozenset()
 
 
 def watch_caches(listener: events.CacheListener) -> Callable[[], None]:
@@ -420,7 +348,7 @@ def watch_caches(listener: events.CacheListener) -> Callable[[], None]:
     with _lock:
         _watchers += 1
         if _watchers == 1:
-            _apply_read_hooks()
+            read_hooks.apply()
     done = False
 
     def unwatch() -> None:
@@ -432,126 +360,7 @@ def watch_caches(listener: events.CacheListener) -> Callable[[], None]:
             done = True
             _watchers -= 1
             if _watchers == 0:
-                _remove_read_hooks()
+                read_hooks.remove()
         unsubscribe()
 
     return unwatch
-
-
-def _read_targets() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    targets: list[tuple[Any, str, Callable[[Any], Any]]] = [
-        (related_descriptors.ForwardManyToOneDescriptor, "__get__", _read_get),
-        (related_descriptors.ReverseOneToOneDescriptor, "__get__", _read_get),
-        (django_query, "prefetch_one_level", _filled_level),
-    ]
-    generic = _generic_descriptor_class()
-    if generic is not None:
-        targets.append((generic, "__get__", _read_get))
-    return targets
-
-
-def _generic_descriptor_class() -> type | None:
-    if not apps.is_installed("django.contrib.contenttypes"):
-        return None
-    from django.contrib.contenttypes import fields
-
-    return getattr(fields, "GenericForeignKeyDescriptor", fields.GenericForeignKey)
-
-
-def _apply_read_hooks() -> None:
-    """Wrap the current code of each read target (under ``_lock``)."""
-    global _walk_codes
-    if _read_patched:
-        return
-    from ..hydration import caches  # the engine's walk (imported late: import cycles)
-
-    _walk_codes = frozenset(
-        {
-            django_query.prefetch_one_level.__code__,
-            _django_prefetch_related_objects.__code__,
-            django_query.get_prefetcher.__code__,
-            caches.traverse.__code__,
-        }
-    )
-    for owner, name, make in _read_targets():
-        below = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        ours = make(below)
-        functools.update_wrapper(ours, below)
-        setattr(owner, name, ours)
-        _read_patched.append((owner, name, below, ours))
-
-
-def _remove_read_hooks() -> None:
-    """Put back what each read hook wrapped, where it is still in place (under ``_lock``)."""
-    while _read_patched:
-        owner, name, below, ours = _read_patched.pop()
-        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-        if current is ours:
-            setattr(owner, name, below)
-
-
-def _reapply_read_hooks() -> None:
-    """Keep the read hooks outermost after other patches (under ``_lock``)."""
-    if _read_patched:
-        _remove_read_hooks()
-        _apply_read_hooks()
-
-
-#: Django's own, whatever ``install()`` later puts in ``django.db.models.query``.
-_django_prefetch_related_objects = django_query.prefetch_related_objects
-
-
-def _read_get(original: Any) -> Any:
-    def __get__(self: Any, instance: Model | None, cls: type | None = None) -> Any:
-        if instance is None:
-            return original(self, instance, cls)
-        try:
-            return original(self, instance, cls)
-        finally:
-            if sys._getframe(1).f_code not in _walk_codes:
-                name = attribute_name(type(instance), self)
-                if name is not None:
-                    events.emit_read(instance, name)
-
-    return __get__
-
-
-def _filled_level(original: Any) -> Any:
-    def prefetch_one_level(instances: Any, prefetcher: Any, lookup: Any, level: int) -> Any:
-        result = original(instances, prefetcher, lookup, level)
-        if events.has_cache_listeners() and not lookup.get_current_to_attr(level)[1]:
-            path = LOOKUP_SEP.join(lookup.prefetch_to.split(LOOKUP_SEP)[: level + 1])
-            name = lookup.prefetch_through.split(LOOKUP_SEP)[level]
-            events.emit_filled(instances, path, name)
-        return result
-
-    return prefetch_one_level
-
-
-_reads_watched: dict[tuple[type, str], bool] = {}
-
-
-def reads_watched(instance: Model, name: str) -> bool:
-    """True when reads of relation ``name`` on instances like ``instance`` reach the
-    cache listeners: a to-one relation (forward, reverse one-to-one, generic foreign
-    key) or Django's own related manager; not a ``to_attr`` attribute, a property or a
-    third-party manager."""
-    key = (type(instance), name)
-    known = _reads_watched.get(key)
-    if known is None:
-        descriptor = getattr(type(instance), name, None)
-        generic = _generic_descriptor_class()
-        if isinstance(
-            descriptor,
-            (
-                related_descriptors.ForwardManyToOneDescriptor,
-                related_descriptors.ReverseOneToOneDescriptor,
-            ),
-        ) or (generic is not None and isinstance(descriptor, generic)):
-            known = True
-        elif isinstance(descriptor, related_descriptors.ReverseManyToOneDescriptor):
-            known = _compat.is_djangos_related_manager(getattr(instance, name))
-        else:
-            known = False
-        _reads_watched[key] = known
-    return known

@@ -22,9 +22,7 @@ A miss on an instance with a :class:`PrefetchMode`:
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -59,7 +57,6 @@ __all__ = [
     "Peers",
     "PrefetchMode",
     "attribute_name",
-    "call_site",
     "default_mode",
     "mode_of",
     "state_mode",
@@ -317,30 +314,3 @@ def _in_event_loop() -> bool:
     except RuntimeError:
         return False
     return not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-
-
-_SKIPPED_PREFIXES = ("async_prefetch.", "django.", "asgiref.", "asyncio.", "anyio.", "contextlib")
-
-
-def call_site(depth: int = 1) -> str | None:
-    """``"path/to/file.py:LINE"`` of the first frame above ``depth`` outside this
-    library, Django, asgiref and the event loop machinery (relative to the working
-    directory when under it)."""
-    frame = sys._getframe(depth + 1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module == "async_prefetch" or module.startswith(_SKIPPED_PREFIXES)):
-            return f"{_shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-@functools.lru_cache(maxsize=1024)
-def _shown_path(filename: str) -> str:
-    """``filename`` relative to the working directory when under it (computing that is
-    most of :func:`call_site`'s cost, and a site's file comes back on every call)."""
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:  # another drive (Windows)
-        return filename
-    return relative if not relative.startswith("..") else filename

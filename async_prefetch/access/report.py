@@ -21,8 +21,6 @@ already raising). :mod:`.middleware` does the same per request.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -33,9 +31,10 @@ from typing import Any
 
 from django.db.models.constants import LOOKUP_SEP
 
-from . import events
-from .hooks import reads_watched, watch_caches
+from . import events, sites
+from .hooks import watch_caches
 from .modes import mode_of
+from .read_hooks import reads_watched
 
 __all__ = [
     "LazyLoadGroup",
@@ -302,7 +301,7 @@ def current_reports() -> tuple[PrefetchReport, ...]:
 def _on_lazy_load(event: events.LazyLoad) -> None:
     reports = _active.get()
     if reports:
-        where = _location()
+        where = sites.location()
         for report in reports:
             report._lazy_load(event, where)
 
@@ -382,55 +381,10 @@ def _log(report: PrefetchReport) -> None:
         logger.log(level, "%s", report.describe(), extra={"prefetch_report": report})
 
 
-# -- locations -------------------------------------------------------------------------
-
-_SKIPPED = (
-    "async_prefetch.",
-    "django.",
-    "asgiref.",
-    "asyncio.",
-    "anyio.",
-    "contextlib",
-    "concurrent.",
-    "threading",
-)
-
-
-def _location() -> str | None:
-    """Where the application reached a relation: the first frame outside Django,
-    asgiref, the event loop and this library, and the template line when a template
-    was being rendered in between."""
-    frame: Any = sys._getframe(2)
-    template = None
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith("django.template."):
-            if template is None:
-                node = frame.f_locals.get("self")
-                origin, token = getattr(node, "origin", None), getattr(node, "token", None)
-                if origin is not None and token is not None:
-                    template = (
-                        f"{getattr(origin, 'template_name', None) or origin.name}:{token.lineno}"
-                    )
-        elif not (module == "async_prefetch" or module.startswith(_SKIPPED)):
-            site = f"{_shown(frame.f_code.co_filename)}:{frame.f_lineno}"
-            return f"{site} (template {template})" if template else site
-        frame = frame.f_back
-    return f"template {template}" if template else None
-
-
-def _shown(filename: str) -> str:
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:  # another drive (Windows)
-        return filename
-    return relative if not relative.startswith("..") else filename
-
-
 def _fill_site(instance: Any) -> str | None:
     """Where a prefetch level was filled: the engine call's site (from the instances'
     mode), else the application code running the prefetch."""
     mode = mode_of(instance)
     if mode is not None and mode.origin is not None and mode.origin.where is not None:
         return mode.origin.where
-    return _location()
+    return sites.location()

@@ -9,6 +9,8 @@ pools (``ASYNC_PREFETCH["REPLICAS"]``).
 The pipeline executors (:mod:`.pipeline`) send each stage's queries in one round trip on
 one connection: ``CallerPipelineExecutor`` on the caller's own (inside ``atomic``),
 ``PooledPipelineExecutor`` on one pooled connection held for the call (``round_trips=1``).
+``UnderLoadExecutor`` (:mod:`.under_load`) runs queries as ``PoolExecutor`` while the
+pool has a connection to give each, and the rest of a stage in pipelines.
 ``SnapshotExecutor`` (:mod:`.snapshot`) runs a ``consistent=True`` call's queries on the
 pool, every one importing the snapshot the call's first query exported.
 """
@@ -30,6 +32,7 @@ from .pipeline import CallerPipelineExecutor, PooledPipelineExecutor, pipeline_s
 from .pool import PoolExecutor
 from .replicas import ReplicaExecutor
 from .snapshot import SnapshotExecutor
+from .under_load import UnderLoadExecutor
 
 __all__ = [
     "BATCH_ROWS",
@@ -43,6 +46,7 @@ __all__ = [
     "Rows",
     "Scope",
     "SnapshotExecutor",
+    "UnderLoadExecutor",
     "as_django_error",
     "executor_for",
 ]
@@ -73,8 +77,11 @@ def executor_for(
       ``scope``, the whole call in one ``REPEATABLE READ`` transaction when ``consistent``;
     - else ``consistent``: ``alias``'s pool, one connection per query, every query
       importing the snapshot the call's first query exports;
-    - else the pools of ``alias``'s read replicas when ``config`` lists any, else
-      ``alias``'s pool, one connection per query.
+    - else the pools of ``alias``'s read replicas when ``config`` lists any;
+    - else ``alias``'s pool, one connection per query while it has one to give each,
+      the surplus of a stage in pipelines (``UnderLoadExecutor``), unless ``config``
+      says ``PIPELINE: False`` or psycopg cannot pipeline (then one connection per
+      query, queueing for them).
 
     Raises ``ImproperlyConfigured`` for a database, or a replica, that is not
     PostgreSQL; ``NotSupportedError`` for ``consistent`` without ``scope`` nor
@@ -114,6 +121,8 @@ def executor_for(
         for replica in replicas:
             _require_postgresql(replica, connections[replica])
         return ReplicaExecutor(alias, replicas, limiter, connection, max_lag=config.replica_max_lag)
+    if config.pipeline != "never" and pipeline_supported():
+        return UnderLoadExecutor(alias, limiter, connection)
     return PoolExecutor(alias, limiter, connection)
 
 

@@ -107,13 +107,7 @@ class Batches:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                seen, quiet = -1, 0
-                while quiet < QUIET_ROUNDS:
-                    if self._arrivals != seen:
-                        seen, quiet = self._arrivals, 0
-                    else:
-                        quiet += 1
-                    await asyncio.sleep(0)
+                await until_quiet(lambda: self._arrivals)
                 batch, self._pending = self._pending, []
                 if batch:
                     await self._send_batch(batch)
@@ -159,12 +153,24 @@ class Batches:
             request.future.set_result(rows)
 
 
+async def until_quiet(arrivals: Callable[[], int]) -> None:
+    """Return once the event loop has gone :data:`QUIET_ROUNDS` scheduling rounds
+    without ``arrivals()`` (a count of arrivals) changing."""
+    seen, quiet = -1, 0
+    while quiet < QUIET_ROUNDS:
+        if arrivals() != seen:
+            seen, quiet = arrivals(), 0
+        else:
+            quiet += 1
+        await asyncio.sleep(0)
+
+
 def pipeline_supported() -> bool:
     """Whether psycopg here can pipeline (psycopg 3 with libpq 14 or later)."""
     return psycopg.Pipeline.is_supported()
 
 
-async def _consume_all(rows: Rows, consume: RowConsumer) -> None:
+async def consume_all(rows: Rows, consume: RowConsumer) -> None:
     for start in range(0, len(rows), BATCH_ROWS):
         await consume(rows[start : start + BATCH_ROWS])
 
@@ -189,26 +195,59 @@ class CallerPipelineExecutor:
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         assert query.sql is not None
-        await _consume_all(await self._batches.run(query), consume)
+        await consume_all(await self._batches.run(query), consume)
 
 
 def _run_on_caller(connection: BaseDatabaseWrapper, queries: list[CompiledQuery]) -> list[Rows]:
     """Run ``queries`` in one pipeline on ``connection`` (a Django connection, on its own
-    thread) and return their rows."""
+    thread) and return their rows.
+
+    When the queries are the first of the connection's transaction (Django's ``atomic``
+    has turned autocommit off, and nothing has run since), the transaction's ``BEGIN``
+    goes in the same pipeline, ahead of them: psycopg would send it on its own and wait
+    for it (a round trip) before queueing the first query.
+    """
     cursors: list[Any] = []
     with contextlib.ExitStack() as stack:
         try:
             with connection.wrap_database_errors:
                 connection.ensure_connection()
-                with connection.connection.pipeline():
-                    for query in queries:
-                        cursor = stack.enter_context(connection.cursor())
-                        cursors.append(cursor)
-                        cursor.execute(query.sql or "", query.params)
+                raw = connection.connection
+                begin = _begin_pending(raw)
+                try:
+                    with raw.pipeline():
+                        if begin is not None:
+                            raw.execute(begin)
+                        for query in queries:
+                            cursor = stack.enter_context(connection.cursor())
+                            cursors.append(cursor)
+                            cursor.execute(query.sql or "", query.params)
+                finally:
+                    if begin is not None:
+                        raw._autocommit = False  # the transaction is open (or failed) now
         except django_db_utils.Error as exc:
             exc.failed_index = _failed_index(cursors)  # type: ignore[attr-defined]
             raise
         return [cursor.fetchall() for cursor in cursors]
+
+
+def _begin_pending(raw: Any) -> bytes | None:
+    """The ``BEGIN`` that psycopg connection ``raw`` would send (and wait for) before its
+    next statement, with ``raw`` switched to autocommit so that it does not: ``None``
+    when ``raw`` is in autocommit or a transaction already. Switch ``raw._autocommit``
+    back to ``False`` once the ``BEGIN`` has been sent."""
+    # psycopg's private _get_tx_start_command() (the BEGIN it would send) and _autocommit
+    # flag (set back once our BEGIN is sent: the public setter refuses inside a
+    # transaction), in psycopg 3.2 and 3.3; without them psycopg sends its own BEGIN.
+    if (
+        not (hasattr(raw, "_get_tx_start_command") and hasattr(raw, "_autocommit"))
+        or raw.autocommit
+        or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    ):
+        return None
+    begin: bytes = raw._get_tx_start_command()
+    raw.autocommit = True  # idle and outside a pipeline: no round trip
+    return begin
 
 
 def _failed_index(cursors: list[Any]) -> int:
@@ -245,7 +284,7 @@ class PooledPipelineExecutor(PoolExecutor):
         assert hold or not consistent, "a consistent call's transaction spans its batches"
         self._consistent = consistent
         self._hold = hold
-        self._batches = Batches(self._send, cancellable=True)
+        self._batches = Batches(self.send, cancellable=True)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._held_from: AsyncConnectionPool[Any] | None = None
         self._begun = False
@@ -255,7 +294,7 @@ class PooledPipelineExecutor(PoolExecutor):
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         assert query.sql is not None
-        await _consume_all(await self._batches.run(query), consume)
+        await consume_all(await self._batches.run(query), consume)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._closed:
@@ -271,11 +310,12 @@ class PooledPipelineExecutor(PoolExecutor):
         when no batch has opened it yet."""
         assert self._consistent, "no snapshot without consistent=True"
         if not self._begun:
-            await self._send([])
+            await self.send([])
         assert self._snapshot is not None
         return self._snapshot
 
-    async def _send(self, queries: list[CompiledQuery]) -> list[Rows]:
+    async def send(self, queries: list[CompiledQuery]) -> list[Rows]:
+        """``queries`` in one pipeline on the executor's connection; their rows."""
         async with self._lock:
             return await self._send_now(queries)
 

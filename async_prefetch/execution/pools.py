@@ -49,6 +49,8 @@ _health: weakref.WeakKeyDictionary[AsyncConnectionPool[Any], PoolHealth] = (
     weakref.WeakKeyDictionary()
 )
 _retiring: set[asyncio.Task[None]] = set()  # closes of replaced pools, on their loops
+#: Connections promised to queries (:class:`Promise`) that have not checked them out yet.
+_promised: weakref.WeakKeyDictionary[AsyncConnectionPool[Any], int] = weakref.WeakKeyDictionary()
 
 
 def application_name(user_name: object = None) -> str:
@@ -186,6 +188,37 @@ async def close_pools_of(*aliases: str) -> None:
         entry = by_alias.pop(alias, None)
         if entry is not None:
             await entry.pool.close()
+
+
+def spare_connections(pool: AsyncConnectionPool[Any]) -> int:
+    """How many more connections ``pool`` can hand out now without a client queueing:
+    its idle ones and its room to grow (``get_stats()``), less the clients queueing and
+    the connections promised (:class:`Promise`) but not checked out yet. Zero or less:
+    the next ``getconn()`` waits for a connection another query returns."""
+    stats = pool.get_stats()
+    return (
+        stats.get("pool_available", 0)
+        + stats.get("pool_max", 0)
+        - stats.get("pool_size", 0)
+        - stats.get("requests_waiting", 0)
+        - _promised.get(pool, 0)
+    )
+
+
+class Promise:
+    """One of ``pool``'s connections counted as taken (by :func:`spare_connections`)
+    from now until :meth:`kept` (the query has checked it out, or gave up), so that
+    queries routed in the same instant do not all count the same idle connection."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool: AsyncConnectionPool[Any] | None = pool
+        _promised[pool] = _promised.get(pool, 0) + 1
+
+    def kept(self) -> None:
+        """No longer counted (idempotent)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            _promised[pool] -= 1
 
 
 def pool_stats() -> dict[str, dict[str, int]]:

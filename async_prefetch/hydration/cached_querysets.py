@@ -25,38 +25,52 @@ from .. import _compat
 from ..relations import kind_of
 from .unfiltered_query import UnfilteredQuery
 
-QuerysetMaker = Callable[[Model], QuerySet[Any]]
+QuerysetsMaker = Callable[[list[Model], list[Any]], list[QuerySet[Any]]]
 
 
-def queryset_maker(parents: list[Model], name: str) -> QuerysetMaker:
-    """A function returning ``getattr(parent, name).get_queryset()`` for ``parents``
-    whose prefetch cache for ``name`` is not filled yet; fast when that is exact."""
+def queryset_maker(parents: list[Model], name: str) -> QuerysetsMaker:
+    """A function returning, for ``parents`` (whose prefetch cache for ``name`` is not
+    filled yet) and their result caches, what ``getattr(parent, name).get_queryset()``
+    returns with that result cache set and its prefetching done: fast when that is
+    exact. The parents are taken in order, as Django does (a deferred key loads then)."""
 
-    def django_queryset(parent: Model) -> QuerySet[Any]:
-        return _compat.related_manager_queryset(getattr(parent, name))
+    def django_queryset(parent: Model, result: Any) -> QuerySet[Any]:
+        queryset: Any = _compat.related_manager_queryset(getattr(parent, name))
+        queryset._result_cache = result
+        queryset._prefetch_done = True
+        return queryset  # type: ignore[no-any-return]
+
+    def django_querysets(parents: list[Model], results: list[Any]) -> list[QuerySet[Any]]:
+        return list(map(django_queryset, parents, results))
 
     if len(parents) < 2:
-        return django_queryset
+        return django_querysets
     first, second = parents[0], parents[1]
     parent_class = type(first)
     descriptor = getattr(parent_class, name, None)
     kind = kind_of(descriptor)
     if type(second) is not parent_class or kind is None or kind.derive_cached_querysets is None:
-        return django_queryset
+        return django_querysets
     manager = getattr(first, name)
+    if hasattr(manager, "get_prefetch_cache") and parent_class._meta.parents:
+        return django_querysets  # a parent's queryset may be an ancestor's (Django 6.1)
     template = _compat.related_manager_queryset(manager)
-    derive = kind.derive_cached_querysets(descriptor, manager, template)
-    if derive is None:
-        return django_queryset
-    derived = derive(second)
-    if derived is None or not _equivalent(derived, django_queryset(second)):
-        return django_queryset
+    new_querysets = kind.derive_cached_querysets(descriptor, manager, template, parent_class)
+    if new_querysets is None:
+        return django_querysets
+    probe: list[Any] = []
+    derived = new_querysets([second], [probe], _no_queryset)[0]
+    if derived is None or not _equivalent(derived, django_queryset(second, probe)):
+        return django_querysets
 
-    def make(parent: Model) -> QuerySet[Any]:
-        queryset = derive(parent) if type(parent) is parent_class else None
-        return django_queryset(parent) if queryset is None else queryset
+    def make(parents: list[Model], results: list[Any]) -> list[QuerySet[Any]]:
+        return new_querysets(parents, results, django_queryset)
 
     return make
+
+
+def _no_queryset(parent: Model, result: Any) -> None:
+    return None
 
 
 def _equivalent(derived: QuerySet[Any], made: QuerySet[Any]) -> bool:
@@ -64,7 +78,7 @@ def _equivalent(derived: QuerySet[Any], made: QuerySet[Any]) -> bool:
     if type(derived) is not type(made):
         return False
     ours, theirs = derived.__dict__, made.__dict__
-    if ours.keys() != theirs.keys():
+    if list(ours) != list(theirs):
         return False
     for key, value in ours.items():
         other = theirs[key]

@@ -99,6 +99,11 @@ def fill_values(
     if not (relation.single or level.as_attr or leaf_queryset is not None):
         _fill_querysets(instances, level.to_attr, relation.cache_name, values, journal)
         return
+    if relation.single and not (level.as_attr or relation.is_descriptor):
+        # A to-one relation into the fields cache, the common case: at once.
+        caches: list[Any] = [obj._state.fields_cache for obj in instances]
+        journal.set_items(instances, caches, relation.cache_name, values)
+        return
     for obj, value in zip(instances, values, strict=True):
         vals = value if not relation.single else [] if value is None else [value]
         _write(level, relation, leaf_queryset, obj, vals, journal)
@@ -113,13 +118,7 @@ def _fill_querysets(
 ) -> None:
     """Each parent's related manager queryset, its result cache ``values``, into the
     prefetch cache, as Django's ``prefetch_one_level`` leaves it."""
-    make_queryset = queryset_maker(instances, to_attr)
-    made_querysets = []
-    for obj, vals in zip(instances, values, strict=True):
-        made: Any = make_queryset(obj)
-        made._result_cache = vals
-        made._prefetch_done = True
-        made_querysets.append(made)
+    made_querysets = queryset_maker(instances, to_attr)(instances, values)
     caches = [obj._prefetched_objects_cache for obj in instances]  # type: ignore[attr-defined]
     journal.set_items(instances, caches, cache_name, made_querysets)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from weakref import ref as weak_ref
 
@@ -17,6 +17,7 @@ from .. import _compat
 from .._compat import HAS_FETCH_MODES
 from ..access.modes import ModelStateWithMode, Peers
 from ..sql.compiler import CompiledQuery
+from .queryset_template import assignable, compiled_source
 
 Rows = Sequence[Sequence[Any]]
 RowBuilder = Callable[[Rows], list[Model]]
@@ -67,6 +68,7 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
 
     plain = not (track_peers or populators or annotation_col_map or known_related)
     whole_row = start == 0 and end == len(select) and col_count is None
+    build_many = fast_batch_from_db(model_cls, init_list, fetch_mode) if plain else None
 
     def build(rows: Rows) -> list[Model]:
         batch: Any = rows  # results_iter() takes any iterable of rows per batch
@@ -74,6 +76,9 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
             batch = (row[:col_count] for row in rows)
         if plain:  # nothing but the model's own fields
             rows_out = compiler.results_iter(results=(batch,))
+            if build_many is not None:
+                own = rows_out if whole_row else (row[start:end] for row in rows_out)
+                return build_many(db, own)
             if whole_row:
                 return [from_db(db, init_list, row) for row in rows_out]
             return [from_db(db, init_list, row[start:end]) for row in rows_out]
@@ -173,3 +178,55 @@ def fast_from_db(
         return obj
 
     return build
+
+
+def fast_batch_from_db(
+    model: type[Model], init_list: list[str], fetch_mode: Any
+) -> Callable[[str, Iterable[Sequence[Any]]], list[Model]] | None:
+    """``[fast_from_db(...)(db, init_list, row) for row in rows]`` as one generated loop
+    (no call per row), when :func:`fast_from_db` applies; otherwise ``None``.
+
+    Same instances, attributes assigned in the same order: ``_state`` first, then the
+    loaded fields, into ``__dict__`` when a foreign key's descriptor is among them (as
+    ``fast_from_db`` does), else one by one (CPython's compact attribute storage).
+    """
+    if not init_list or fast_from_db(model, init_list, fetch_mode) is None:
+        return None
+    with_mode = fetch_mode is not None and not HAS_FETCH_MODES
+    namespace: dict[str, Any] = {
+        "_new": object.__new__,
+        "_model": model,
+        "_state_class": ModelStateWithMode if with_mode else ModelState,
+        "_fetch_mode": fetch_mode,
+    }
+    descriptors = {type(getattr(model, attname, None)) for attname in init_list}
+    if descriptors != {DeferredAttribute}:
+        for index, name in enumerate(init_list):
+            namespace[f"_name_{index}"] = name
+        targets = ", ".join(f"attrs[_name_{index}]" for index in range(len(init_list)))
+        fields = ["attrs = obj.__dict__", "attrs['_state'] = state", f"{targets}, = row"]
+    elif all(map(assignable, init_list)):
+        targets = ", ".join(f"obj.{name}" for name in init_list)
+        fields = ["obj._state = state", f"{targets}, = row"]
+    else:
+        return None
+    lines = [
+        "obj = _new(_model)",
+        "state = _state_class()",
+        "state.adding = False",
+        "state.db = db",
+        *(["state.fetch_mode = _fetch_mode"] if fetch_mode is not None else []),
+        *fields,
+        "append(obj)",
+    ]
+    source = (
+        "def build_many(db, rows):\n"
+        "    made = []\n"
+        "    append = made.append\n"
+        "    for row in rows:\n"
+        + "".join(f"        {line}\n" for line in lines)
+        + "    return made\n"
+    )
+    exec(compiled_source(source, "<async_prefetch.rows>"), namespace)
+    build_many: Callable[[str, Iterable[Sequence[Any]]], list[Model]] = namespace["build_many"]
+    return build_many

@@ -26,13 +26,14 @@ from django.db.models.fields.related_descriptors import (
     ReverseOneToOneDescriptor,
 )
 
+from ..hydration.queryset_template import QuerysetsFactory
 from . import forward, many_to_many, reverse_many_to_one, reverse_one_to_one
 from .base import RelationQuery, take_additional_lookups
 
 __all__ = ["RelationKind", "RelationQuery", "build_relation_query", "kind_of", "related_model_of"]
 
 Builder = Callable[[Any, Any, list[Model], Sequence[QuerySet[Any]] | None], RelationQuery]
-Deriver = Callable[[Model], "QuerySet[Any] | None"]
+Deriver = Callable[[Any, Any, QuerySet[Any], type[Model]], QuerysetsFactory | None]
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class RelationKind:
     build: Builder | None
     #: The model the relation leads to, ``None`` when not static (a generic foreign key).
     related_model: Callable[[Any], type[Model] | None]
-    #: ``derive(descriptor, manager, template)`` -> per-parent cached queryset maker.
-    derive_cached_querysets: Callable[[Any, Any, QuerySet[Any]], Deriver | None] | None = None
+    #: ``derive(descriptor, manager, template, parent_class)`` -> the cached querysets'
+    #: maker (:func:`..hydration.queryset_template.queryset_factory`) or ``None``.
+    derive_cached_querysets: Deriver | None = None
 
 
 def _forward_builder(descriptor: Any, prefetcher: Any, parents: Any, querysets: Any) -> Any:

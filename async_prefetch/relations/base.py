@@ -16,12 +16,11 @@ from typing import Any
 
 from django.db.models import Model, QuerySet
 from django.db.models.fields.mixins import FieldCacheMixin
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
 
 from ..hydration.rows import PLAIN_DESCRIPTORS
 
 KeyFunc = Callable[[Model], Hashable]
-Deriver = Callable[[Model], "QuerySet[Any] | None"]
-"""Makes a parent's cached queryset, or ``None`` for Django's own path."""
 
 
 @dataclass(eq=False)
@@ -141,12 +140,13 @@ class ValueKey:
     Reading an unloaded field loads it, as Django's key does. :meth:`many` reads a whole
     list at C speed."""
 
-    __slots__ = ("_django_key", "_ints_only", "_model", "_read")
+    __slots__ = ("_attname", "_django_key", "_ints_only", "_model", "_read")
 
     def __init__(
         self, model: type[Model], attname: str, django_key: KeyFunc, *, ints_only: bool
     ) -> None:
         self._model = model
+        self._attname = attname
         self._read = operator.attrgetter(attname)
         self._django_key = django_key
         self._ints_only = ints_only
@@ -162,7 +162,7 @@ class ValueKey:
     def many(self, objs: Sequence[Any]) -> list[Hashable]:
         """``[self(obj) for obj in objs]``."""
         if set(map(type, objs)) <= {self._model}:
-            values: list[Hashable] = list(map(self._read, objs))
+            values: list[Hashable] = field_values(self._model, self._attname, objs)
             if not self._ints_only or set(map(type, values)) <= {int}:
                 return values
             django_key = self._django_key
@@ -171,6 +171,28 @@ class ValueKey:
                 for obj, value in zip(objs, values, strict=True)
             ]
         return list(map(self, objs))
+
+
+def field_values(model: type[Model], attname: str, objs: Sequence[Any]) -> list[Any]:
+    """``[getattr(obj, attname) for obj in objs]``.
+
+    A foreign key's column attribute has a data descriptor (Django's
+    ``ForeignKeyDeferredAttribute``) whose ``__get__``, a Python call per read, returns
+    ``obj.__dict__[attname]`` when the value is loaded: the loaded values of instances
+    of exactly ``model`` are read from their ``__dict__`` at C speed (an instance with a
+    loaded foreign key has its ``__dict__`` made already: Django's ``__init__`` assigns
+    through that descriptor, which writes to it). When one of them is deferred, every
+    value is read through the descriptor, in order, loading the deferred ones as Django
+    would.
+    """
+    if type(model.__dict__.get(attname)) is ForeignKeyDeferredAttribute and set(
+        map(type, objs)
+    ) <= {model}:
+        try:
+            return list(map(operator.itemgetter(attname), map(vars, objs)))
+        except KeyError:  # deferred: loaded by the descriptor
+            pass
+    return list(map(operator.attrgetter(attname), objs))
 
 
 def key_values(key: KeyFunc, objs: Sequence[Any]) -> list[Hashable]:

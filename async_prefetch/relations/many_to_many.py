@@ -10,8 +10,8 @@ from django.db import connections
 from django.db.models import Field, ForeignKey, IntegerField, Model, QuerySet
 from django.db.models.fields import AutoFieldMixin
 
-from ..hydration.queryset_template import queryset_factory
-from .base import Deriver, KeyFunc, RelationQuery, ValueKey, scalar_key
+from ..hydration.queryset_template import ParentParts, QuerysetsFactory, queryset_factory
+from .base import KeyFunc, RelationQuery, ValueKey, scalar_key
 from .parents import filter_by_parents, manager_queryset
 
 # Integer fields' get_db_prep_value: Field's, or AutoField's (PostgreSQL keeps the value).
@@ -96,24 +96,18 @@ def _integer_keys(
 
 
 def derive_cached_querysets(
-    descriptor: Any, manager: Any, template: QuerySet[Any]
-) -> Deriver | None:
-    """Many-to-many: ``ManyRelatedManager._apply_rel_filters`` with the parent swapped."""
-    filter_keys = [
-        (f"{manager.query_field_name}__{rh_field.name}", rh_field.attname)
-        for _, rh_field in manager.source_field.related_fields
-    ]
-    new_queryset = queryset_factory(template)
-    if new_queryset is None or template.__dict__.get("_known_related_objects") != {}:
+    descriptor: Any, manager: Any, template: QuerySet[Any], parent_class: type[Model]
+) -> QuerysetsFactory | None:
+    """Many-to-many: ``ManyRelatedManager._apply_rel_filters`` with the parent swapped.
+    A null key (Django's manager raises) takes Django's path."""
+    if template.__dict__.get("_known_related_objects") != {}:
         return None
-
-    def derive(parent: Model) -> QuerySet[Any] | None:
-        core_filters = {}
-        for key, attname in filter_keys:
-            value = getattr(parent, attname)
-            if value is None:  # Django's manager raises: its path
-                return None
-            core_filters[key] = value
-        return new_queryset(parent, core_filters, {})
-
-    return derive
+    related_fields = manager.source_field.related_fields
+    parts = ParentParts(
+        tuple(rh_field.attname for _, rh_field in related_fields),
+        tuple(
+            (f"{manager.query_field_name}__{rh_field.name}", index)
+            for index, (_, rh_field) in enumerate(related_fields)
+        ),
+    )
+    return queryset_factory(template, parent_class, parts)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.db.models import Model, Q, QuerySet
+from django.db.models.query_utils import DeferredAttribute
 
 from .. import _compat
 from ..sql.any_of import any_instead_of_in, plain_values
@@ -34,7 +35,7 @@ def filter_by_parents(
         target is None
         or queryset.query.is_sliced
         or not _all_instances_of(target.model, instances)
-        or not all(instance._is_pk_set() for instance in instances)  # type: ignore[attr-defined]
+        or not _pks_set(instances)
     ):
         return _compat.filter_prefetch_queryset(queryset, path, instances)
     values = list(map(operator.attrgetter(target.attname), instances))
@@ -52,6 +53,23 @@ def filter_by_parents(
     queryset.query.add_q(Q(**{lookup: values}), reuse_all=True)
     any_instead_of_in(queryset.query)
     return queryset
+
+
+def _pks_set(instances: list[Model]) -> bool:
+    """``all(instance._is_pk_set() for instance in instances)``: at once when they are
+    all one model with Django's ``_is_pk_set`` and a plainly stored integer key."""
+    kinds: set[Any] = set(map(type, instances))
+    if len(kinds) == 1:
+        (kind,) = kinds
+        attname = kind._meta.pk.attname
+        if (
+            kind._is_pk_set is Model._is_pk_set  # type: ignore[attr-defined]
+            and kind._get_pk_val is Model._get_pk_val
+            and type(kind.__dict__.get(attname)) is DeferredAttribute
+            and set(map(type, map(operator.attrgetter(attname), instances))) <= {int}
+        ):
+            return True  # an int is never None, a tuple or a database default
+    return all(instance._is_pk_set() for instance in instances)  # type: ignore[attr-defined]
 
 
 def _all_instances_of(model: type[Model], instances: list[Model]) -> bool:

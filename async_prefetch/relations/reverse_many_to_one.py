@@ -8,8 +8,8 @@ from typing import Any
 from django.core.exceptions import FieldError
 from django.db.models import Model, QuerySet
 
-from ..hydration.queryset_template import queryset_factory
-from .base import Deriver, RelationQuery, linker, match_keys
+from ..hydration.queryset_template import ParentParts, QuerysetsFactory, queryset_factory
+from .base import RelationQuery, key_values, linker, match_keys
 from .parents import filter_by_parents, manager_queryset
 
 
@@ -26,7 +26,7 @@ def build(
         fk.foreign_related_fields,
         (fk.get_local_related_value, fk.get_foreign_related_value),
     )
-    instances_dict = {instance_attr(inst): inst for inst in instances}
+    instances_dict = dict(zip(key_values(instance_attr, instances), instances, strict=True))
     queryset = filter_by_parents(queryset, fk.name, fk.foreign_related_fields, instances)
     link_back = linker(fk, rel_obj_attr, instances_dict, keep_cached=True)
     return RelationQuery(
@@ -41,25 +41,15 @@ def build(
 
 
 def derive_cached_querysets(
-    descriptor: Any, manager: Any, template: QuerySet[Any]
-) -> Deriver | None:
-    """Reverse foreign key: ``RelatedManager._apply_rel_filters`` with the parent swapped."""
+    descriptor: Any, manager: Any, template: QuerySet[Any], parent_class: type[Model]
+) -> QuerysetsFactory | None:
+    """Reverse foreign key: ``RelatedManager._apply_rel_filters`` with the parent swapped.
+    A null key (Django returns ``.none()``) takes Django's path. The key is loaded: the
+    level matched rows on it."""
     field = descriptor.field
     try:
         target_attname = field.target_field.attname
     except FieldError:  # multi-column relation
         return None
-    name = field.name
-    new_queryset = queryset_factory(template)
-    if new_queryset is None:
-        return None
-
-    def derive(parent: Model) -> QuerySet[Any] | None:
-        # A null key (Django returns .none()): Django's path. The key is loaded: the
-        # level matched rows on it.
-        value = getattr(parent, target_attname)
-        if value is None:
-            return None
-        return new_queryset(parent, {name: parent}, {field: {value: parent}})
-
-    return derive
+    parts = ParentParts((target_attname,), ((field.name, -1),), known_field=field)
+    return queryset_factory(template, parent_class, parts)

@@ -1,6 +1,6 @@
 """Memo levels of one run: served from a memo, their missing keys fetched in rounds.
 
-A level a memo can serve (:func:`.memo.memo_level`) needs no query of its own: the keys
+A level a memo can serve (:func:`.memo_level.memo_level`) needs no query of its own: the keys
 the memo holds are served at once, and the missing keys of every memo level the run
 decided in one scheduling round (``author`` and ``translator`` of the same chunk, say) are
 fetched with one query per memo and database. A many-to-many memo level first reads its
@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from django.db.models import Model
 
 from ..sql.compiler import CompiledQuery
-from .memo import Memo, MemoBatch, MemoLevel, batch_query
+from .memo import Memo
+from .memo_level import MemoBatch, MemoLevel, batch_query
 from .session import Session
 from .trace import RunTrace, StepTrace
 

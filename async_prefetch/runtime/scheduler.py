@@ -32,7 +32,8 @@ from ..sql.compiler import compile_queryset
 from .decide import Fetch, Part, decide
 from .errors import primary_error
 from .journal import Journal
-from .memo import MemoBatch, MemoLevel, MemoSpec
+from .memo import MemoSpec
+from .memo_level import MemoBatch, MemoLevel
 from .memo_round import MemoRounds
 from .session import CallerContext, Session
 from .trace import ROOT_KEY, RunTrace

@@ -444,7 +444,7 @@ def _best(times: dict[str, list[float]]) -> dict[str, float]:
     return {side: min(values) * 1000 for side, values in times.items()}
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
@@ -457,9 +457,9 @@ def gather_table(results: dict[float, dict[str, float]]) -> str:
     for rtt, med in results.items():
         cells = [f"{rtt:g}", *[f"{med[s]:.1f}" if s in med else "-" for s in sides]]
         cells += [
-            _ratio(med.get("agather"), med.get("floor")),
-            _ratio(med.get("django"), med.get("agather")),
-            _ratio(med.get("pool_terminals"), med.get("floor")),
+            fmt_ratio(med.get("agather"), med.get("floor")),
+            fmt_ratio(med.get("django"), med.get("agather")),
+            fmt_ratio(med.get("pool_terminals"), med.get("floor")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -473,8 +473,8 @@ def atomic_table(results: dict[tuple[str, float], dict[str, float]]) -> str:
     for (name, rtt), med in results.items():
         cells = [name, f"{rtt:g}", *[f"{med[s]:.1f}" if s in med else "-" for s in ATOMIC_SIDES]]
         cells += [
-            _ratio(med.get("django"), med.get("engine")),
-            _ratio(med.get("engine_unpipelined"), med.get("engine")),
+            fmt_ratio(med.get("django"), med.get("engine")),
+            fmt_ratio(med.get("engine_unpipelined"), med.get("engine")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -574,10 +574,10 @@ def markdown(results: Results, facts: dict[str, Any], command: str, wall: float,
             "on the caller's connection (each stage in one pipeline), `engine_unpipelined` "
             "the same with `PIPELINE: False` (one query after another), `engine_pool` "
             "`prefetch()` outside `atomic` (the pool), for reference. Each `atomic` side "
-            "includes its transaction's `BEGIN` (psycopg sends it, and syncs it in pipeline "
-            "mode too, before the first query: a round trip) and `COMMIT`: on `fanout-100` "
-            "Django makes 13 round trips (`BEGIN`, 11 queries, `COMMIT`), the pipelined engine "
-            "4 (`BEGIN`, the root query, the ten siblings in one pipeline, `COMMIT`).",
+            "includes its transaction's `BEGIN` and `COMMIT`: on `fanout-100` Django makes 13 "
+            "round trips (`BEGIN`, 11 queries, `COMMIT`), the pipelined engine 3 (`BEGIN` "
+            "with the root query in one pipeline, the ten siblings in another, `COMMIT`); "
+            "`engine_unpipelined` 13, as Django.",
             "",
             atomic_table(results.atomic),
             "",
@@ -602,10 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from django.core.management import call_command
 
     from async_prefetch.devtools.bench.runner import (
-        _shutdown_engine,
         alias_for,
         configure_django,
         machine_facts,
+        shutdown_engine,
     )
     from async_prefetch.devtools.bench.workloads import build_workloads
     from async_prefetch.devtools.demo.bookstore import seed
@@ -621,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
             proxies[alias_for(rtt)] = (proxy.host, proxy.port)
         configure_django(server, proxies)
-        stack.callback(_shutdown_engine)
+        stack.callback(shutdown_engine)
         call_command("migrate", run_syncdb=True, verbosity=0)
         seed(200)
         workloads = build_workloads(quick=args.quick)

@@ -140,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from django.core.management import call_command
 
     from async_prefetch.devtools.bench.runner import (
-        _shutdown_engine,
         alias_for,
         configure_django,
         machine_facts,
+        shutdown_engine,
     )
     from async_prefetch.devtools.demo.bookstore import seed
     from async_prefetch.devtools.embedded import get_server
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
             proxies[alias_for(rtt)] = (proxy.host, proxy.port)
         configure_django(server, proxies)
-        stack.callback(_shutdown_engine)
+        stack.callback(shutdown_engine)
         call_command("migrate", run_syncdb=True, verbosity=0)
         seed(max(args.books, 200))
         facts = machine_facts(server)

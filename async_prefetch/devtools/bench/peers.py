@@ -71,14 +71,16 @@ from django.core.management import call_command
 
 from async_prefetch.devtools.bench.runner import (
     CollectorClock,
-    _ms,
-    _progress,
-    _ratio,
     alias_for,
+    child_env,
+    fmt_ms,
+    fmt_ratio,
+    progress,
+    run_memory_child,
 )
 from async_prefetch.devtools.bench.workloads import build_workloads
 from async_prefetch.devtools.demo.bookstore import DEMO_APP
-from async_prefetch.devtools.embedded import ENV_SOURCE, ServerInfo, get_server
+from async_prefetch.devtools.embedded import ServerInfo, get_server
 from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 
 if TYPE_CHECKING:
@@ -628,16 +630,16 @@ def bench_rtt(
         for name in names:
             try:
                 result = bench_workload(
-                    workloads[name], rtt_ms, runs, peers, sides, runner, _progress
+                    workloads[name], rtt_ms, runs, peers, sides, runner, progress
                 )
             except Exception:  # reported, the others still run
                 error = traceback.format_exc()
                 result = Result(name, rtt_ms, runs, error=error)
-                _progress(f"FAILED {name} @ {rtt_ms:g} ms:\n{error}")
+                progress(f"FAILED {name} @ {rtt_ms:g} ms:\n{error}")
             results.append(result)
-            _progress(
+            progress(
                 f"{name} @ {rtt_ms:g} ms: "
-                + ", ".join(f"{s} {_ms(ms)}" for s, ms in result.median_ms.items())
+                + ", ".join(f"{s} {fmt_ms(ms)}" for s, ms in result.median_ms.items())
             )
     finally:
         runner.run(close_peers({alias: peers}))
@@ -976,11 +978,7 @@ def measure_memory(
 ) -> tuple[list[Memory], list[str]]:
     """:func:`memory_child` for every workload and side, one subprocess each; the
     measurements and the errors of failed children."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = server.url()
-    env.pop(ENV_SOURCE, None)
-    root = str(Path(__file__).resolve().parents[3])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env(server)
     found: list[Memory] = []
     errors: list[str] = []
     for name in names:
@@ -990,16 +988,13 @@ def measure_memory(
                 *("--memory-child", f"{name}:{side}", "--memory-db", f"{proxy[0]}:{proxy[1]}"),
                 *("--rtts", str(rtt_ms), *(["--quick"] if quick else [])),
             ]
-            done = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=600, check=False
-            )
-            line = next((x for x in done.stdout.splitlines() if x.startswith("MEMORY ")), None)
-            if done.returncode != 0 or line is None:
-                errors.append(f"{name}:{side} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-                _progress(errors[-1])
+            payload, error = run_memory_child(command, env, timeout=600)
+            if payload is None:
+                errors.append(f"{name}:{side} failed {error}")
+                progress(errors[-1])
                 continue
-            found.append(Memory(**json.loads(line.removeprefix("MEMORY "))))
-            _progress(f"memory {name} {side}: {found[-1].peak_kib / 1024:.1f} MiB")
+            found.append(Memory(**payload))
+            progress(f"memory {name} {side}: {found[-1].peak_kib / 1024:.1f} MiB")
     return found, errors
 
 
@@ -1037,9 +1032,9 @@ def results_table(results: Sequence[Result], sides: Sequence[str]) -> str:
             continue
         best = r.best_peer()
         cells = [r.workload, f"{r.rtt_ms:g}", str(r.runs)]
-        cells += [_ms(r.median_ms.get(s)) for s in sides]
-        cells += [best or "n/a", _ratio(r.ratio("django_sync", "engine"))]
-        cells += [_ratio(r.ratio(best, "engine"))]
+        cells += [fmt_ms(r.median_ms.get(s)) for s in sides]
+        cells += [best or "n/a", fmt_ratio(r.ratio("django_sync", "engine"))]
+        cells += [fmt_ratio(r.ratio(best, "engine"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1051,7 +1046,7 @@ def gc_table(results: Sequence[Result], sides: Sequence[str]) -> str:
     lines[-1] += " |"
     for r in results:
         if r.error is None:
-            cells = [r.workload, f"{r.rtt_ms:g}", *(_ms(r.gc_median_ms.get(s)) for s in sides)]
+            cells = [r.workload, f"{r.rtt_ms:g}", *(fmt_ms(r.gc_median_ms.get(s)) for s in sides)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1185,7 +1180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sides = available_sides()
     missing = [s for s in SIDES if s not in sides]
     if missing:
-        _progress(f"skipping sides whose packages are missing: {', '.join(missing)}")
+        progress(f"skipping sides whose packages are missing: {', '.join(missing)}")
     if args.sides:
         unknown = [s for s in args.sides if s not in SIDES]
         if unknown:

@@ -611,11 +611,7 @@ def measure_memory(
     the measurements and the errors of failed runs."""
     from async_prefetch.devtools.bench import stream
 
-    env = dict(os.environ)
-    env["DATABASE_URL"] = server.url()
-    env.pop(ENV_SOURCE, None)  # it would override DATABASE_URL
-    root = str(Path(async_prefetch.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env(server)
     results: list[Memory] = []
     errors: list[str] = []
     for name in names:
@@ -627,19 +623,40 @@ def measure_memory(
                 *(["--quick"] if quick else []),
                 *(["--books", str(books)] if books is not None else []),
             ]
-            done = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=900, check=False
-            )
-            line = next((x for x in done.stdout.splitlines() if x.startswith("MEMORY ")), None)
-            if done.returncode != 0 or line is None:
-                errors.append(
-                    f"memory run {name}:{side} failed ({done.returncode}):\n{done.stderr[-3000:]}"
-                )
-                _progress(errors[-1])
+            payload, error = run_memory_child(command, env, timeout=900)
+            if payload is None:
+                errors.append(f"memory run {name}:{side} failed {error}")
+                progress(errors[-1])
                 continue
-            results.append(Memory(**json.loads(line.removeprefix("MEMORY "))))
-            _progress(f"memory {name} {side}: {results[-1].peak_kib / 1024:.0f} MiB")
+            results.append(Memory(**payload))
+            progress(f"memory {name} {side}: {results[-1].peak_kib / 1024:.0f} MiB")
     return results, errors
+
+
+def child_env(server: ServerInfo) -> dict[str, str]:
+    """The environment of a bench child process: this process's, on ``server``
+    (``DATABASE_URL``), with this checkout importable."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = server.url()
+    env.pop(ENV_SOURCE, None)  # it would override DATABASE_URL
+    root = str(Path(async_prefetch.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_memory_child(
+    command: list[str], env: dict[str, str], *, timeout: float
+) -> tuple[dict[str, Any] | None, str]:
+    """Run a memory child; the fields of the ``MEMORY {json}`` line it printed, or
+    ``None`` and what went wrong (exit code and the end of its stderr)."""
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("MEMORY ")), None)
+    if done.returncode != 0 or line is None:
+        return None, f"({done.returncode}):\n{done.stderr[-3000:]}"
+    payload: dict[str, Any] = json.loads(line.removeprefix("MEMORY "))
+    return payload, ""
 
 
 # -- profile ----------------------------------------------------------------------------------
@@ -747,11 +764,11 @@ def machine_facts(server: ServerInfo) -> dict[str, Any]:
     }
 
 
-def _ms(value: float | None) -> str:
+def fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def _ratio(value: float | None) -> str:
+def fmt_ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
@@ -771,11 +788,13 @@ def results_table(results: Sequence[Result]) -> str:
             continue
         m = r.median_ms
         lines.append(
-            f"| {r.workload} | {r.rtt_ms:g} | {r.runs} | {_ms(m.get('django_sync'))} "
-            f"| {_ms(m.get('django_async'))} | {_ms(m.get('engine'))} | {_ms(m.get('floor'))} "
-            f"| {_ratio(r.speedup)} | {_ratio(r.engine_over_floor)} "
-            f"| {r.django_queries}/{r.engine_queries} | {_ms(r.slowest_query_ms)} "
-            f"| {_ms(r.gc_median_ms.get('django_sync'))}/{_ms(r.gc_median_ms.get('engine'))} |"
+            f"| {r.workload} | {r.rtt_ms:g} | {r.runs} | {fmt_ms(m.get('django_sync'))} "
+            f"| {fmt_ms(m.get('django_async'))} | {fmt_ms(m.get('engine'))} "
+            f"| {fmt_ms(m.get('floor'))} "
+            f"| {fmt_ratio(r.speedup)} | {fmt_ratio(r.engine_over_floor)} "
+            f"| {r.django_queries}/{r.engine_queries} | {fmt_ms(r.slowest_query_ms)} "
+            f"| {fmt_ms(r.gc_median_ms.get('django_sync'))}"
+            f"/{fmt_ms(r.gc_median_ms.get('engine'))} |"
         )
     return "\n".join(lines)
 
@@ -833,7 +852,7 @@ def stream_table(results: Sequence[Result]) -> str:
             f"| {r.rtt_ms:g} | {r.runs} | {r.roots} | "
             + " | ".join(seconds)
             + " | "
-            + " | ".join(_ratio(r.ratio(slower, faster)) for slower, faster in ratios)
+            + " | ".join(fmt_ratio(r.ratio(slower, faster)) for slower, faster in ratios)
             + f" | {r.django_queries}/{r.engine_queries} |"
         )
     return "\n".join(lines)
@@ -960,13 +979,13 @@ def plot_speedups(results: Sequence[Result], path: Path) -> None:
 # -- main -------------------------------------------------------------------------------------
 
 
-def _shutdown_engine() -> None:
+def shutdown_engine() -> None:
     from async_prefetch.runtime import bridge
 
     bridge.shutdown()
 
 
-def _progress(message: str) -> None:
+def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -1065,7 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         rtts = [(args.rtts or [0.0])[0]]
     server = get_server()
-    _progress(f"PostgreSQL from {server.source}")
+    progress(f"PostgreSQL from {server.source}")
     with contextlib.ExitStack() as stack:
         proxies: dict[str, tuple[str, int]] = {}
         for rtt in rtts:
@@ -1073,7 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxies[alias_for(rtt)] = (proxy.host, proxy.port)
         configure_django(server, proxies)
         # Close the engine's pools while the proxies are still up (the stack unwinds first).
-        stack.callback(_shutdown_engine)
+        stack.callback(shutdown_engine)
         workloads: dict[str, Workload | StreamWorkload] = {
             **build_workloads(args.quick),
             stream.NAME: stream.build_stream(args.quick, args.books),
@@ -1082,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in dict.fromkeys(workloads[name].seed for name in names):
             seeded = time.perf_counter()
             if seed():
-                _progress(f"seeded in {time.perf_counter() - seeded:.1f} s")
+                progress(f"seeded in {time.perf_counter() - seeded:.1f} s")
         if args.profile:
             runs = args.runs or (3 if args.profile == stream.NAME else 20)
             profile_engine(workloads[args.profile], alias_for(rtts[0]), runs, args.out)
@@ -1107,17 +1126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                             )
                     except ResultMismatchError as exc:
                         result.error = str(exc)
-                        _progress(f"\nRESULT MISMATCH in {name} at RTT {rtt:g} ms:\n{exc}\n")
+                        progress(f"\nRESULT MISMATCH in {name} at RTT {rtt:g} ms:\n{exc}\n")
                         break  # the other RTTs would only repeat it
                     except Exception:
                         result.error = traceback.format_exc()
-                        _progress(f"\nFAILED: {name} at RTT {rtt:g} ms:\n{result.error}")
+                        progress(f"\nFAILED: {name} at RTT {rtt:g} ms:\n{result.error}")
                         break
                     m = result.median_ms
-                    _progress(
+                    progress(
                         f"{name} @ {rtt:g} ms: "
-                        + ", ".join(f"{side} {_ms(ms)}" for side, ms in m.items())
-                        + f" ms ({_ratio(result.speedup)})"
+                        + ", ".join(f"{side} {fmt_ms(ms)}" for side, ms in m.items())
+                        + f" ms ({fmt_ratio(result.speedup)})"
                     )
         memory: list[Memory] = []
         memory_errors: list[str] = []

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(LatencyProxyProcess(server.address(), args.rtt))
         runner.configure_django(server, {alias: (proxy.host, proxy.port)})
-        stack.callback(runner._shutdown_engine)
+        stack.callback(runner.shutdown_engine)
         from django.core.management import call_command
 
         call_command("migrate", run_syncdb=True, verbosity=0)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from async_prefetch.devtools.demo.models import Book
 
 DEMO_APP = "async_prefetch.devtools.demo"
+TIMELINE_WIDTH = 15
+"""Bar width of the engine's timeline: its lines fit in about 80 columns."""
 
 
 @dataclass(frozen=True)
@@ -268,5 +270,5 @@ def run_engine_side(page_size: int = 50) -> DemoResult:
         seconds=seconds,
         sample=[describe(b) for b in books[:3]],
         signature=signature(books),
-        timeline=trace.render(),
+        timeline=trace.render(width=TIMELINE_WIDTH),
     )
