@@ -23,6 +23,10 @@ RELATED_FILTERS_IN_PLACE: bool = hasattr(QuerySet, "_avoid_cloning")
 #: Django 6.1 passes ``lookup.queryset._chain()`` to ``_apply_rel_filters`` at the leaf.
 CHAIN_LEAF_QUERYSET: bool = django.VERSION >= (6, 1)
 
+#: Django 6.1's many-to-many managers read a prefetched result from the instance's
+#: multi-table ancestors too (``get_prefetch_cache()`` walks the cached parent links).
+ANCESTOR_PREFETCH_CACHES: bool = hasattr(related_descriptors, "_traverse_ancestors")
+
 _POPULATORS_TAKE_FETCH_MODE = (
     "fetch_mode" in inspect.signature(django_query.get_related_populators).parameters
 )
@@ -170,7 +174,7 @@ def ancestor_prefetched(manager: Any) -> QuerySet[Any] | None:
     earlier versions, for other managers, or when no ancestor holds one."""
     get_prefetch_cache = getattr(manager, "get_prefetch_cache", None)
     instance = manager.instance
-    if get_prefetch_cache is None or not instance._meta.parents:
+    if not ANCESTOR_PREFETCH_CACHES or get_prefetch_cache is None or not instance._meta.parents:
         return None
     own = getattr(instance, "_prefetched_objects_cache", None)
     if own is not None and prefetch_cache_name(manager) in own:

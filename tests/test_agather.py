@@ -4,6 +4,7 @@ results identical to ``list(qs)`` in Django, concurrency proven with the server'
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -12,7 +13,7 @@ import anyio
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.exceptions import FieldError
-from django.db import DataError, connection, connections, transaction
+from django.db import DataError, ProgrammingError, connection, connections, transaction
 from django.db.models import Count, F, Prefetch, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.sql.compiler import SQLCompiler
@@ -336,3 +337,80 @@ async def test_another_database_vendor_is_djangos(bookstore: Bookstore, sqlite_a
     books, none = await agather(Book.objects.all(), Book.objects.using(sqlite_alias).none())
     assert len(books) == len(bookstore.book_ids)
     assert none == []
+
+
+# -- review of the compile-once path and of pipelines under load --------------------------
+
+
+class _MarkingQuerySet(QuerySet[Book]):
+    """A subclass whose own ``_fetch_all()`` marks what it loaded."""
+
+    def _fetch_all(self) -> None:
+        super()._fetch_all()
+        for book in self._result_cache or ():
+            book.marked = True  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_querysets_own_fetch_all_runs(bookstore: Bookstore) -> None:
+    ascending: QuerySet[Book] = _MarkingQuerySet(Book).order_by("pk")[:3]
+    descending: QuerySet[Book] = _MarkingQuerySet(Book).order_by("-pk")[:3]
+
+    async def both() -> tuple[list[Book], list[Book]]:
+        return await agather(ascending, descending)
+
+    first, second = async_to_sync(both)()
+    assert len(first) == len(second) == 3
+    assert all(getattr(book, "marked", False) for book in [*first, *second])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_second_prefetch_once_done(bookstore: Bookstore) -> None:
+    """``update()`` leaves ``_prefetch_done`` set with no result cache: Django's
+    ``list(qs)`` then does not prefetch again, nor does ``agather``."""
+
+    def updated() -> QuerySet[Book]:
+        queryset = Book.objects.filter(pk__in=bookstore.book_ids[:3])
+        queryset = queryset.prefetch_related("pages")
+        list(queryset)
+        queryset.update(title="updated")
+        assert queryset._result_cache is None
+        assert queryset._prefetch_done  # type: ignore[attr-defined]
+        return queryset
+
+    django = list(updated())
+    (ours,) = async_to_sync(agather)(updated())
+    assert [b.pk for b in ours] == [b.pk for b in django]
+    assert not any(hasattr(b, "_prefetched_objects_cache") for b in [*django, *ours])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failure_in_a_shared_pipeline_is_the_failing_querysets(
+    bookstore: Bookstore, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the pool short of connections, querysets of one call share pipelines; the
+    error raised is the failing queryset's own (Django's ``ProgrammingError``), not the
+    "not run" of an earlier queryset that only shared its pipeline."""
+    from async_prefetch.execution.pipeline import PooledPipelineExecutor
+
+    sizes: list[int] = []
+    original = PooledPipelineExecutor.send
+
+    async def send(self: PooledPipelineExecutor, queries: list[Any]) -> Any:
+        sizes.append(len(queries))
+        return await original(self, queries)
+
+    monkeypatch.setattr(PooledPipelineExecutor, "send", send)
+    settings.ASYNC_PREFETCH = {"POOL": {"MIN_SIZE": 2, "MAX_SIZE": 2}}
+    async_to_sync(agather)(Book.objects.all())  # the pool of two, open and idle
+    time.sleep(0.3)
+    querysets = [
+        slow(Review.objects.all(), 0.2),
+        slow(Review.objects.all(), 0.2),
+        Book.objects.order_by("pk"),
+        Book.objects.extra(where=["no_such_column = 1"]),
+        Book.objects.order_by("pk"),
+    ]
+    with pytest.raises(ProgrammingError, match="no_such_column"):
+        async_to_sync(agather)(*querysets)
+    assert any(size >= 2 for size in sizes), sizes  # the failing query shared a pipeline

@@ -57,6 +57,12 @@ class _Request:
     abandoned: bool = False  # its caller was cancelled while its batch ran
 
 
+class PipelineAborted(django_db_utils.DatabaseError):
+    """The error of a query that was not run because another query of its pipeline
+    failed (that query's error is the ``__cause__``). Where the queries belong to
+    independent runs (``agather``), the failing query's own error is the one to raise."""
+
+
 @dataclass(eq=False)
 class Batches:
     """Queries that arrive together, sent together by ``send`` (one batch at a time).
@@ -137,7 +143,7 @@ class Batches:
                 await asyncio.sleep(0)
             for request in batch:
                 if not request.future.done():
-                    aborted = django_db_utils.DatabaseError(
+                    aborted = PipelineAborted(
                         "async_prefetch: not run: another query of its pipeline failed"
                     )
                     aborted.__cause__ = exc

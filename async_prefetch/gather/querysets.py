@@ -1,10 +1,11 @@
 """``list(qs)`` for several querysets at once (:func:`agather`), or one (:func:`afetch_all`).
 
-A plain model queryset (``ModelIterable``, no ``select_for_update()``, not evaluated yet)
-is a :class:`_ListCall`: ``list(qs)`` needs exactly its model rows with its lookups, so
-that need is captured without running Django's method, and the engine's answer is the
-result (one round, nothing replayed). Other querysets (``values()``, ``dates()``, an
-evaluated queryset whose lookups are pending) run Django's ``_fetch_all()`` in rounds.
+A plain model queryset (``ModelIterable``, no ``select_for_update()``, not evaluated yet,
+Django's own ``_fetch_all()``) is a :class:`_ListCall`: ``list(qs)`` needs exactly its model
+rows with its lookups, so that need is captured without running Django's method, and the
+engine's answer is the result (one round, nothing replayed). Other querysets (``values()``,
+``dates()``, an evaluated queryset whose lookups are pending, a subclass's own
+``_fetch_all()``) run their ``_fetch_all()`` in rounds.
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ class _ListCall(MethodCall):
 
 
 def _call(queryset: QuerySet[Any]) -> MethodCall:
-    if queryset._result_cache is None and engine_root(queryset):
+    kind = type(queryset)
+    if (
+        queryset._result_cache is None
+        and kind._fetch_all is QuerySet._fetch_all
+        and kind._prefetch_related_objects is QuerySet._prefetch_related_objects  # type: ignore[attr-defined]
+        and engine_root(queryset)
+    ):
         return _ListCall(queryset)
-    return MethodCall(queryset, _fetch_all)
+    return MethodCall(queryset, _fetch_all)  # a subclass's own _fetch_all runs, in rounds
 
 
 async def afetch_all(queryset: QuerySet[Any]) -> list[Any]:

@@ -21,6 +21,7 @@ from django.db.models import Model, QuerySet
 
 from ..dispatch import capture_async_caller, engine_supports, run_async
 from ..execution import Rows
+from ..execution.pipeline import PipelineAborted
 from ..runtime.scheduler import run_in_session
 from ..runtime.session import CallerContext, Session, in_call_scope
 from ..runtime.trace import ROOT_KEY
@@ -182,7 +183,9 @@ async def _rounds(
             (i, answer) for (i, _), answer in zip(needs, answers, strict=True) if answer.error
         ]
         if failed:  # the first one (in order) is raised; later ones were cancelled
-            i, answer = failed[0]
+            # A query that only shared a pipeline with the failing one would have run.
+            real = [(i, a) for i, a in failed if not isinstance(a.error, PipelineAborted)]
+            i, answer = (real or failed)[0]
             outcomes[i].error = answer.error
             return
         pending = []
@@ -241,8 +244,9 @@ async def _evaluate(needs: list[Need], caller: CallerContext) -> list[_Outcome]:
                 answers[index].django = True
             except Exception as exc:
                 answers[index].error = exc
-                for later in scopes[index + 1 :]:
-                    later.cancel()
+                if not isinstance(exc, PipelineAborted):  # the failing query's run decides
+                    for later in scopes[index + 1 :]:
+                        later.cancel()
 
     async with anyio.create_task_group() as tg:
         for index in range(len(needs)):

@@ -134,10 +134,13 @@ else:  # not subscriptable at run time unless django-stubs-ext patched it
 
 
 def rows_need(queryset: QuerySet[Any]) -> RowsNeed:
-    """The need of ``list(queryset)``'s model rows (a copy without its lookups)."""
+    """The need of ``list(queryset)``'s model rows (a copy without its lookups), and
+    the lookups Django would run on them: none once its prefetch is done."""
     captured = queryset._clone()  # type: ignore[attr-defined]
     captured._iterable_class = ModelIterable
     root, lookups = split_lookups(captured, (), None)
+    if queryset._prefetch_done:  # type: ignore[attr-defined]
+        lookups = []  # Django's _fetch_all() does not prefetch again (after update())
     return RowsNeed(root, lookups)
 
 
