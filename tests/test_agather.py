@@ -26,6 +26,7 @@ from async_prefetch.runtime import bridge
 from tests.cache_snapshot import render, snapshot
 from tests.conftest import Bookstore
 from tests.differential import query_log, warm_content_types
+from tests.pipelines import batch_sizes
 from tests.run_state import settle_pool, sleepers
 from tests.server_time import SLEEP, slow, start_of
 from tests.testapp.models import Author, Book, Page, Publisher, Review
@@ -393,14 +394,7 @@ def test_a_failure_in_a_shared_pipeline_is_the_failing_querysets(
     "not run" of an earlier queryset that only shared its pipeline."""
     from async_prefetch.execution.pipeline import PooledPipelineExecutor
 
-    sizes: list[int] = []
-    original = PooledPipelineExecutor.send
-
-    async def send(self: PooledPipelineExecutor, queries: list[Any]) -> Any:
-        sizes.append(len(queries))
-        return await original(self, queries)
-
-    monkeypatch.setattr(PooledPipelineExecutor, "send", send)
+    sizes = batch_sizes(monkeypatch, PooledPipelineExecutor, "send")
     settings.ASYNC_PREFETCH = {"POOL": {"MIN_SIZE": 2, "MAX_SIZE": 2}}
     async_to_sync(agather)(Book.objects.all())  # the pool of two, open and idle
     time.sleep(0.3)

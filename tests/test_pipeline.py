@@ -32,6 +32,7 @@ from async_prefetch.gather import agather
 from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
+from tests.pipelines import batch_sizes
 from tests.testapp.models import Author, Book, Page, Review
 
 RTT = 0.08  # seconds: far above this machine's noise, so the bounds are robust
@@ -58,15 +59,7 @@ def _timed(func: Any) -> float:
 @pytest.fixture
 def pipelines_seen(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every batch the caller's connection sends."""
-    sizes: list[int] = []
-    original = CallerPipelineExecutor._send
-
-    async def send(self: CallerPipelineExecutor, queries: list[Any]) -> Any:
-        sizes.append(len(queries))
-        return await original(self, queries)
-
-    monkeypatch.setattr(CallerPipelineExecutor, "_send", send)
-    return sizes
+    return batch_sizes(monkeypatch, CallerPipelineExecutor, "_send")
 
 
 # -- inside atomic: same results, a stage per pipeline -------------------------------------

@@ -36,6 +36,7 @@ from async_prefetch.execution.pools import close_pools
 from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
+from tests.pipelines import batch_sizes
 from tests.run_state import settle_pool, sleepers
 from tests.server_time import slow
 from tests.servers import PgBouncer, Unavailable, pgbouncer_databases
@@ -61,15 +62,7 @@ def _books(alias: str = "default") -> list[Book]:
 @pytest.fixture
 def pipelines_sent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every pipeline sent on a pooled connection."""
-    sizes: list[int] = []
-    original = PooledPipelineExecutor.send
-
-    async def send(self: PooledPipelineExecutor, queries: list[Any]) -> Any:
-        sizes.append(len(queries))
-        return await original(self, queries)
-
-    monkeypatch.setattr(PooledPipelineExecutor, "send", send)
-    return sizes
+    return batch_sizes(monkeypatch, PooledPipelineExecutor, "send")
 
 
 @pytest.fixture
