@@ -172,9 +172,11 @@ def ancestor_prefetched(manager: Any) -> QuerySet[Any] | None:
     returns from a multi-table ancestor of its instance (``get_prefetch_cache()`` walks
     the cached parent links), when the instance's own cache has none; ``None`` on
     earlier versions, for other managers, or when no ancestor holds one."""
+    if not ANCESTOR_PREFETCH_CACHES or not is_djangos_related_manager(manager):
+        return None
     get_prefetch_cache = getattr(manager, "get_prefetch_cache", None)
     instance = manager.instance
-    if not ANCESTOR_PREFETCH_CACHES or get_prefetch_cache is None or not instance._meta.parents:
+    if get_prefetch_cache is None or not instance._meta.parents:
         return None
     own = getattr(instance, "_prefetched_objects_cache", None)
     if own is not None and prefetch_cache_name(manager) in own:

@@ -13,6 +13,7 @@ from django.db import DataError, OperationalError
 from django.db.models import Prefetch, prefetch_related_objects
 
 import async_prefetch
+from async_prefetch import _compat
 from async_prefetch.execution import PoolExecutor
 from async_prefetch.execution.pools import get_pool
 from async_prefetch.runtime import bridge
@@ -27,7 +28,7 @@ from tests.run_state import (
     state_of,
 )
 from tests.server_time import FAILING, SLEEPING
-from tests.testapp.models import Book, Page
+from tests.testapp.models import Book, Page, Review
 
 FAST = ["pages", "authors__location", "publisher", "tags"]
 
@@ -293,3 +294,31 @@ def test_a_walk_pins_only_the_instances_it_relied_on() -> None:
         walking.close()
     assert vars(relied_on) == {"to_attr": [1]}
     assert vars(other) == {}
+
+
+@pytest.mark.skipif(
+    not _compat.ANCESTOR_PREFETCH_CACHES, reason="Django 6.1's inherited prefetch caches"
+)
+@pytest.mark.django_db(transaction=True)
+def test_failure_restores_an_ancestors_queryset_django_changed() -> None:
+    """Django 6.1 fills an e-book's ``authors`` with its book's prefetched queryset,
+    changing that queryset's result (another call's). A failed call puts it back."""
+    seed_bookstore()
+    book = Book.objects.filter(ebook__isnull=False).get()
+    prefetch_related_objects([book], "authors")  # an earlier call's cache
+    queryset = book._prefetched_objects_cache["authors"]  # type: ignore[attr-defined]
+    before = queryset._result_cache
+    # Fails after 0.2 s whatever the rows (a one-time filter), after the e-book's authors.
+    failing = Prefetch(
+        "reviews",
+        queryset=Review.objects.extra(
+            where=["(SELECT 1 / (random() * 0)::int FROM pg_sleep(0.2)) = 1"]
+        ),
+        to_attr="boom",
+    )
+    with async_prefetch.tracing() as trace, pytest.raises(DataError):
+        async_prefetch.prefetch_related_objects([book], "ebook__authors", failing)
+    ran = [s.key for s in trace.steps if s.finished and s.key.endswith("ebook__authors")]
+    assert ran, [s.key for s in trace.steps]  # the level ran before the failure
+    assert book._prefetched_objects_cache["authors"] is queryset  # type: ignore[attr-defined]
+    assert queryset._result_cache is before

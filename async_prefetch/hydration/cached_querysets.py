@@ -17,7 +17,7 @@ manager, another Django version), every parent goes through Django's own path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db.models import Model, QuerySet
 
@@ -25,17 +25,28 @@ from .. import _compat
 from ..relations import kind_of
 from .unfiltered_query import UnfilteredQuery
 
+if TYPE_CHECKING:
+    from ..runtime.journal import Journal
+
 QuerysetsMaker = Callable[[list[Model], list[Any]], list[QuerySet[Any]]]
 
 
-def queryset_maker(parents: list[Model], name: str) -> QuerysetsMaker:
+def queryset_maker(parents: list[Model], name: str, journal: Journal) -> QuerysetsMaker:
     """A function returning, for ``parents`` (whose prefetch cache for ``name`` is not
     filled yet) and their result caches, what ``getattr(parent, name).get_queryset()``
     returns with that result cache set and its prefetching done: fast when that is
-    exact. The parents are taken in order, as Django does (a deferred key loads then)."""
+    exact. The parents are taken in order, as Django does (a deferred key loads then).
+    A queryset that is not the call's own (Django 6.1: a multi-table ancestor's
+    prefetched one) is changed through ``journal``."""
 
     def django_queryset(parent: Model, result: Any) -> QuerySet[Any]:
-        queryset: Any = _compat.related_manager_queryset(getattr(parent, name))
+        manager = getattr(parent, name)
+        inherited = _compat.ancestor_prefetched(manager)
+        if inherited is not None:  # changed as Django changes it, undone on failure
+            journal.set_attribute(inherited, "_result_cache", result)
+            journal.set_attribute(inherited, "_prefetch_done", True)
+            return inherited
+        queryset: Any = _compat.related_manager_queryset(manager)
         queryset._result_cache = result
         queryset._prefetch_done = True
         return queryset  # type: ignore[no-any-return]

@@ -118,7 +118,7 @@ def _fill_querysets(
 ) -> None:
     """Each parent's related manager queryset, its result cache ``values``, into the
     prefetch cache, as Django's ``prefetch_one_level`` leaves it."""
-    made_querysets = queryset_maker(instances, to_attr)(instances, values)
+    made_querysets = queryset_maker(instances, to_attr, journal)(instances, values)
     caches = [obj._prefetched_objects_cache for obj in instances]  # type: ignore[attr-defined]
     journal.set_items(instances, caches, cache_name, made_querysets)
 
