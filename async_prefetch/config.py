@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -160,15 +160,29 @@ class _Reader:
             return default
         return value
 
-    def seconds(self, section: dict[str, Any], key: str, where: str, default: float) -> float:
-        """A number (not a ``bool``) of seconds above 0, as a ``float``."""
+    @overload
+    def seconds(self, section: dict[str, Any], key: str, where: str, default: float) -> float: ...
+    @overload
+    def seconds(
+        self, section: dict[str, Any], key: str, where: str, default: None
+    ) -> float | None: ...
+    def seconds(
+        self, section: dict[str, Any], key: str, where: str, default: float | None
+    ) -> float | None:
+        """A number (not a ``bool``) of seconds above 0, as a ``float``; with a ``None``
+        default, also ``None`` (absent or given)."""
         value = section.get(key, default)
+        if value is None and default is None:
+            return None
         name = f"{where}[{key!r}]"
+        or_none = " or None" if default is None else ""
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.error(WRONG_TYPE, f"{name} must be a number of seconds, not {_described(value)}.")
+            self.error(
+                WRONG_TYPE, f"{name} must be a number of seconds{or_none}, not {_described(value)}."
+            )
             return default
         if not value > 0:  # NaN too
-            self.error(OUT_OF_RANGE, f"{name} must be more than 0 seconds, not {value}.")
+            self.error(OUT_OF_RANGE, f"{name} must be more than 0 seconds{or_none}, not {value}.")
             return default
         return float(value)
 
@@ -229,23 +243,6 @@ class _Reader:
                 self.error(OUT_OF_RANGE, f"{name} lists {repeated} more than once.")
             result.append((str(alias), tuple(map(str, replicas))))
         return tuple(result) if len(self.errors) == errors_before else ()
-
-    def seconds_or_none(self, section: dict[str, Any], key: str, where: str) -> float | None:
-        """``None`` (the default), or a number of seconds above 0 as a ``float``."""
-        if section.get(key) is None:
-            return None
-        value = section[key]
-        name = f"{where}[{key!r}]"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.error(
-                WRONG_TYPE,
-                f"{name} must be a number of seconds or None, not {_described(value)}.",
-            )
-            return None
-        if not value > 0:  # NaN too
-            self.error(OUT_OF_RANGE, f"{name} must be more than 0 seconds or None, not {value}.")
-            return None
-        return float(value)
 
 
 def _described(value: object) -> str:
@@ -313,7 +310,7 @@ def read_config() -> tuple[EngineConfig | None, list[ConfigError]]:
         install=read.boolean(raw, "INSTALL", top, default=False),
         chunk_size=chunk_size,
         replicas=read.replicas(raw.get("REPLICAS", {}), f"{top}['REPLICAS']"),
-        replica_max_lag=read.seconds_or_none(raw, "REPLICA_MAX_LAG", top),
+        replica_max_lag=read.seconds(raw, "REPLICA_MAX_LAG", top, None),
         auto=read.boolean(raw, "AUTO", top, default=False),
         pipeline=read.pipeline(raw, "PIPELINE", top),
         consistent=read.boolean(raw, "CONSISTENT", top, default=False),

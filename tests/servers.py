@@ -42,7 +42,8 @@ from asgiref.sync import SyncToAsync
 from django.db import connections
 
 from async_prefetch.devtools.embedded import ServerInfo, _watchdog, find_postgres_bindir, get_server
-from async_prefetch.execution.pools import close_pools_of
+from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
+from async_prefetch.execution.pools import close_pools, close_pools_of
 from async_prefetch.runtime import bridge
 
 _STARTUP_TIMEOUT = 60.0
@@ -440,6 +441,25 @@ def pgbouncer_databases(pool_size: int, entries: dict[str, dict[str, Any]]) -> I
             yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def default_through_proxy(rtt: float) -> Iterator[LatencyProxyProcess]:
+    """The ``default`` alias (the caller's own connection, and the engine's pool) through
+    a latency proxy adding ``rtt`` seconds per round trip; restored afterwards, its
+    connections and pools closed."""
+    conn = connections["default"]
+    saved = dict(conn.settings_dict)
+    with LatencyProxyProcess(get_server().address(), rtt_ms=rtt * 1000) as proxy:
+        conn.close()
+        conn.settings_dict.update(HOST=proxy.host, PORT=str(proxy.port))
+        try:
+            yield proxy
+        finally:
+            conn.close()
+            conn.settings_dict.clear()
+            conn.settings_dict.update(saved)
+            bridge.run_sync(close_pools)
 
 
 _used_aliases: set[str] = set()

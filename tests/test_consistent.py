@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -38,11 +38,11 @@ from tests.thirdparty.models import Pet
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def writer_after_first_stage(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """After the first query of a call has been read, a writer on a connection of its own
-    commits a new page for every book; yields the numbers of the writes done so far."""
-    seed_bookstore()
+def write_after_first_read(
+    monkeypatch: pytest.MonkeyPatch, write: Callable[[psycopg.Connection[Any]], None]
+) -> list[int]:
+    """Once the first query of a call has been read, ``write`` runs (and commits) on a
+    connection of its own; returns the list of the writes done so far (``[1]`` after)."""
     writes: list[int] = []
     original = Session.fetch_instances
 
@@ -52,15 +52,27 @@ def writer_after_first_stage(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             kwargs = {**connection_kwargs("default")}
             kwargs.pop("cursor_factory")
             with psycopg.connect(**kwargs) as conn:
-                conn.execute(
-                    "INSERT INTO testapp_page (book_id, number, text) "
-                    "SELECT id, 1000, 'late' FROM testapp_book"
-                )
+                write(conn)
             writes.append(1)
         return instances
 
     monkeypatch.setattr(Session, "fetch_instances", fetch_instances)
     return writes
+
+
+@pytest.fixture
+def writer_after_first_stage(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """After the first query of a call has been read, a writer on a connection of its own
+    commits a new page for every book; yields the numbers of the writes done so far."""
+    seed_bookstore()
+
+    def write(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            "INSERT INTO testapp_page (book_id, number, text) "
+            "SELECT id, 1000, 'late' FROM testapp_book"
+        )
+
+    return write_after_first_read(monkeypatch, write)
 
 
 def _late_pages(books: list[Book]) -> int:
@@ -329,27 +341,17 @@ def test_levels_django_runs_see_the_snapshot_too(
     tag_table = Pet.tags.through.tag_model()._meta.db_table
     through = Pet.tags.through._meta.db_table
     pet_table = Pet._meta.db_table
-    writes: list[int] = []
-    original = Session.fetch_instances
 
-    async def fetch_instances(self: Session, compiled: Any) -> Any:
-        instances = await original(self, compiled)
-        if not writes:
-            kwargs = {**connection_kwargs("default")}
-            kwargs.pop("cursor_factory")
-            with psycopg.connect(**kwargs) as conn:
-                (tag_id,) = conn.execute(
-                    f"INSERT INTO {tag_table} (name, slug) VALUES ('late', 'late') RETURNING id"
-                ).fetchone() or (None,)
-                conn.execute(
-                    f"INSERT INTO {through} (content_object_id, tag_id) "
-                    f"SELECT id, %s FROM {pet_table}",
-                    [tag_id],
-                )
-            writes.append(1)
-        return instances
+    def write(conn: psycopg.Connection[Any]) -> None:
+        (tag_id,) = conn.execute(
+            f"INSERT INTO {tag_table} (name, slug) VALUES ('late', 'late') RETURNING id"
+        ).fetchone() or (None,)
+        conn.execute(
+            f"INSERT INTO {through} (content_object_id, tag_id) SELECT id, %s FROM {pet_table}",
+            [tag_id],
+        )
 
-    monkeypatch.setattr(Session, "fetch_instances", fetch_instances)
+    writes = write_after_first_read(monkeypatch, write)
     pets = async_prefetch.prefetch(Pet.objects.order_by("pk"), "tags", consistent=consistent)
     assert writes == [1]
     late = [pet for pet in pets if "late" in [tag.name for tag in pet.tags.all()]]

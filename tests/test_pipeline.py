@@ -24,15 +24,13 @@ from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
 from async_prefetch.config import WRONG_TYPE, read_config
-from async_prefetch.devtools.embedded import get_server
 from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 from async_prefetch.execution import CallerConnectionExecutor, CallerPipelineExecutor
-from async_prefetch.execution.pools import close_pools
 from async_prefetch.gather import agather
-from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
 from tests.pipelines import batch_sizes
+from tests.servers import default_through_proxy as proxied_default
 from tests.testapp.models import Author, Book, Page, Review
 
 RTT = 0.08  # seconds: far above this machine's noise, so the bounds are robust
@@ -202,18 +200,8 @@ def default_through_proxy(transactional_db: None) -> Iterator[LatencyProxyProces
     """The ``default`` alias (the caller's own connection, and the pool) through a proxy
     adding :data:`RTT` per round trip; restored afterwards."""
     seed_bookstore()
-    conn = connections["default"]
-    saved = dict(conn.settings_dict)
-    with LatencyProxyProcess(get_server().address(), rtt_ms=RTT * 1000) as proxy:
-        conn.close()
-        conn.settings_dict.update(HOST=proxy.host, PORT=str(proxy.port))
-        try:
-            yield proxy
-        finally:
-            conn.close()
-            conn.settings_dict.clear()
-            conn.settings_dict.update(saved)
-            bridge.run_sync(close_pools)
+    with proxied_default(RTT) as proxy:
+        yield proxy
 
 
 def test_five_siblings_inside_atomic_cost_one_round_trip(

@@ -18,21 +18,17 @@ from typing import Any
 
 import anyio
 import pytest
-from django.db import connections
 from django.db import utils as django_db_utils
 from django.db.models import Prefetch, prefetch_related_objects
 from django.test.utils import override_settings
 
 import async_prefetch
-from async_prefetch.devtools.embedded import get_server
-from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 from async_prefetch.execution import (
     PooledPipelineExecutor,
     PoolExecutor,
     UnderLoadExecutor,
     executor_for,
 )
-from async_prefetch.execution.pools import close_pools
 from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
@@ -40,6 +36,7 @@ from tests.pipelines import batch_sizes
 from tests.run_state import settle_pool, sleepers
 from tests.server_time import slow
 from tests.servers import PgBouncer, Unavailable, pgbouncer_databases
+from tests.servers import default_through_proxy as proxied_default
 from tests.testapp.models import Book, Review
 
 RTT = 0.15  # seconds added by the proxy per round trip
@@ -69,18 +66,8 @@ def pipelines_sent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def through_proxy(transactional_db: None) -> Iterator[None]:
     """The ``default`` alias through a proxy adding :data:`RTT` per round trip."""
     seed_bookstore()
-    conn = connections["default"]
-    saved = dict(conn.settings_dict)
-    with LatencyProxyProcess(get_server().address(), rtt_ms=RTT * 1000) as proxy:
-        conn.close()
-        conn.settings_dict.update(HOST=proxy.host, PORT=str(proxy.port))
-        try:
-            yield
-        finally:
-            conn.close()
-            conn.settings_dict.clear()
-            conn.settings_dict.update(saved)
-            bridge.run_sync(close_pools)
+    with proxied_default(RTT):
+        yield
 
 
 def _timed_stage(

@@ -49,6 +49,34 @@ QUIET_ROUNDS = 3
 BEGIN_CONSISTENT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
+async def begin_exporting(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
+    """Queue, in ``conn``'s pipeline, a ``BEGIN_CONSISTENT`` transaction and the export of
+    its snapshot; the cursor :func:`exported_snapshot` reads the snapshot's id from."""
+    await conn.execute(BEGIN_CONSISTENT)
+    return await conn.execute("SELECT pg_export_snapshot()")
+
+
+async def exported_snapshot(cursor: psycopg.AsyncCursor[Any]) -> str:
+    """The snapshot id :func:`begin_exporting`'s cursor holds, once its pipeline ran."""
+    row = await cursor.fetchone()
+    assert row is not None
+    snapshot: str = row[0]
+    return snapshot
+
+
+async def release(
+    conn: psycopg.AsyncConnection[Any] | None, pool: AsyncConnectionPool[Any] | None
+) -> None:
+    """End ``conn``'s transaction and return it to ``pool`` (nothing when either is
+    ``None``), shielded from cancellation: an interrupted ``putconn()`` would leave the
+    connection counted as checked out."""
+    if conn is None or pool is None:
+        return
+    with anyio.CancelScope(shield=True):
+        await end_transaction(conn)
+        await pool.putconn(conn)
+
+
 @dataclass(eq=False)
 class _Request:
     query: CompiledQuery
@@ -109,6 +137,14 @@ class Batches:
             if request.future.done() and not request.future.cancelled():
                 request.future.exception()  # retrieved: the caller's own exception wins
             raise
+
+    async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
+        """:meth:`run` ``query`` and feed its rows to ``consume``, a batch of
+        :data:`.base.BATCH_ROWS` at a time (the executors' ``fetch``)."""
+        assert query.sql is not None
+        rows = await self.run(query)
+        for start in range(0, len(rows), BATCH_ROWS):
+            await consume(rows[start : start + BATCH_ROWS])
 
     async def _flush(self) -> None:
         try:
@@ -176,11 +212,6 @@ def pipeline_supported() -> bool:
     return psycopg.Pipeline.is_supported()
 
 
-async def consume_all(rows: Rows, consume: RowConsumer) -> None:
-    for start in range(0, len(rows), BATCH_ROWS):
-        await consume(rows[start : start + BATCH_ROWS])
-
-
 class CallerPipelineExecutor:
     """Sends each batch on the caller's own Django connection, on the thread that owns it.
 
@@ -200,8 +231,7 @@ class CallerPipelineExecutor:
         return await sync_to_async(_run_on_caller, thread_sensitive=True)(self._connection, queries)
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
-        assert query.sql is not None
-        await consume_all(await self._batches.run(query), consume)
+        await self._batches.fetch(query, consume)
 
 
 def _run_on_caller(connection: BaseDatabaseWrapper, queries: list[CompiledQuery]) -> list[Rows]:
@@ -299,8 +329,7 @@ class PooledPipelineExecutor(PoolExecutor):
         self._closed = False
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
-        assert query.sql is not None
-        await consume_all(await self._batches.run(query), consume)
+        await self._batches.fetch(query, consume)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._closed:
@@ -338,8 +367,7 @@ class PooledPipelineExecutor(PoolExecutor):
                 exported = None
                 async with conn.pipeline():
                     if self._consistent and not self._begun:
-                        await conn.execute(BEGIN_CONSISTENT)
-                        exported = await conn.execute("SELECT pg_export_snapshot()")
+                        exported = await begin_exporting(conn)
                     for index, query in enumerate(queries):
                         cursor = conn.cursor()
                         cursors.append(cursor)
@@ -348,9 +376,7 @@ class PooledPipelineExecutor(PoolExecutor):
                         else:
                             await cursor.execute(query.sql or "", query.params)
                 if exported is not None:
-                    row = await exported.fetchone()
-                    assert row is not None
-                    self._snapshot, self._begun = row[0], True
+                    self._snapshot, self._begun = await exported_snapshot(exported), True
                 return [await cursor.fetchall() for cursor in cursors]
 
             started = time.perf_counter()
@@ -382,17 +408,18 @@ class PooledPipelineExecutor(PoolExecutor):
     async def _release(self) -> None:
         conn, pool = self._conn, self._held_from
         self._conn = self._held_from = None
-        if conn is None or pool is None:
-            return
-        with anyio.CancelScope(shield=True):
-            await end_transaction(conn)
-            await pool.putconn(conn)
+        await release(conn, pool)
 
 
 async def end_transaction(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Roll back ``conn``'s transaction, if any (the pool discards a broken connection)."""
+    """Roll back ``conn``'s transaction (closing its cursors), if one is open; a
+    connection that cannot is closed (the pool discards it)."""
+    if conn.closed or conn.info.transaction_status not in (
+        psycopg.pq.TransactionStatus.INTRANS,
+        psycopg.pq.TransactionStatus.INERROR,
+    ):
+        return
     try:
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.execute("ROLLBACK")
+        await conn.execute("ROLLBACK")
     except psycopg.Error:
-        pass
+        await conn.close()

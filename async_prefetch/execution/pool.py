@@ -70,9 +70,7 @@ class PoolExecutor:
         A query is logged once it has ended, also when it failed, as Django logs it.
         """
         assert query.sql is not None
-        if self._pool is None:
-            self._pool = await get_pool(self._alias)
-        pool = self._pool
+        pool = await self._get_pool()
         connection = self._log_connection
         wrappers = list(connection.execute_wrappers) if connection is not None else []
         log = wants_log(connection)
@@ -111,6 +109,12 @@ class PoolExecutor:
                         await self._checkin(pool, conn)
             except psycopg.Error as exc:
                 raise as_django_error(exc) from exc
+
+    async def _get_pool(self) -> AsyncConnectionPool[Any]:
+        """The alias's pool, looked up once per executor."""
+        if self._pool is None:
+            self._pool = await get_pool(self._alias)
+        return self._pool
 
     async def _checkout(self, pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
         """The connection a query runs on (a pooled one)."""

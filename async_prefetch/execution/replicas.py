@@ -169,7 +169,9 @@ async def _pick(
     loop = asyncio.get_running_loop()
     states = _states.setdefault(loop, {})
     candidates = [
-        states.setdefault(alias, ReplicaState(alias)) for alias in replicas if alias not in excluded
+        states.get(alias) or states.setdefault(alias, ReplicaState(alias))
+        for alias in replicas
+        if alias not in excluded
     ]
     now = loop.time()
     for state in candidates:

@@ -26,7 +26,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
 from .base import RowConsumer, as_django_error
-from .pipeline import BEGIN_CONSISTENT, end_transaction
+from .pipeline import (
+    BEGIN_CONSISTENT,
+    begin_exporting,
+    end_transaction,
+    exported_snapshot,
+    release,
+)
 from .pool import PoolExecutor, stoppable
 from .pools import acquire, get_pool
 
@@ -104,11 +110,8 @@ class SnapshotExecutor(PoolExecutor):
 
                 async def run() -> None:
                     async with conn.pipeline():
-                        await conn.execute(BEGIN_CONSISTENT)
-                        exported = await conn.execute("SELECT pg_export_snapshot()")
-                    row = await exported.fetchone()
-                    assert row is not None
-                    self._snapshot = row[0]
+                        exported = await begin_exporting(conn)
+                    self._snapshot = await exported_snapshot(exported)
 
                 await stoppable(conn, run, self._alias)
             except BaseException as exc:
@@ -152,18 +155,16 @@ class SnapshotExecutor(PoolExecutor):
 
         async def run() -> None:
             async with conn.pipeline():
-                await conn.execute(BEGIN_CONSISTENT)
                 if exporting:
-                    exported = await conn.execute("SELECT pg_export_snapshot()")
+                    exported = await begin_exporting(conn)
                 else:
+                    await conn.execute(BEGIN_CONSISTENT)
                     await conn.execute(pg_sql.SQL("SET TRANSACTION SNAPSHOT {}").format(snapshot))
                 await cursor.execute(sql, params)
                 if not exporting:
                     await conn.execute("ROLLBACK")
             if exporting:
-                row = await exported.fetchone()
-                assert row is not None
-                self._snapshot = row[0]
+                self._snapshot = await exported_snapshot(exported)
 
         await stoppable(conn, run, self._alias)
 
@@ -172,8 +173,4 @@ class SnapshotExecutor(PoolExecutor):
         self._closed = True
         conn, pool = self._exporter, self._exporter_pool
         self._exporter = self._exporter_pool = None
-        if conn is None or pool is None:
-            return
-        with anyio.CancelScope(shield=True):
-            await end_transaction(conn)
-            await pool.putconn(conn)
+        await release(conn, pool)

@@ -22,9 +22,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
 from .base import RowConsumer
-from .pipeline import Batches, PooledPipelineExecutor, consume_all, until_quiet
+from .pipeline import PooledPipelineExecutor, until_quiet
 from .pool import PoolExecutor
-from .pools import Promise, get_pool, spare_connections
+from .pools import Promise, spare_connections
 
 #: The promise of the direct query running in the current task (see ``_checkout``).
 _promise: contextvars.ContextVar[Promise | None] = contextvars.ContextVar(
@@ -36,7 +36,7 @@ _promise: contextvars.ContextVar[Promise | None] = contextvars.ContextVar(
 class _Surplus:
     query: CompiledQuery
     #: Set by the router: the pipeline the query joins, or ``None``: alone, as the pool's.
-    route: asyncio.Future[Batches | None]
+    route: asyncio.Future[PooledPipelineExecutor | None]
 
 
 class UnderLoadExecutor(PoolExecutor):
@@ -72,9 +72,7 @@ class UnderLoadExecutor(PoolExecutor):
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         """Run ``query`` and feed its rows to ``consume`` (see the class docstring)."""
         assert query.sql is not None
-        if self._pool is None:
-            self._pool = await get_pool(self._alias)
-        pool = self._pool
+        pool = await self._get_pool()
         if not self._surplus and spare_connections(pool) > 0:
             await self._fetch_alone(pool, query, consume)
             return
@@ -82,7 +80,7 @@ class UnderLoadExecutor(PoolExecutor):
         if pipeline is None:
             await self._fetch_alone(pool, query, consume)
         else:
-            await consume_all(await pipeline.run(query), consume)
+            await pipeline.fetch(query, consume)
 
     async def _fetch_alone(
         self, pool: AsyncConnectionPool[Any], query: CompiledQuery, consume: RowConsumer
@@ -105,7 +103,7 @@ class UnderLoadExecutor(PoolExecutor):
             if promise is not None:
                 promise.kept()
 
-    async def _route(self, query: CompiledQuery) -> Batches | None:
+    async def _route(self, query: CompiledQuery) -> PooledPipelineExecutor | None:
         surplus = _Surplus(query, asyncio.get_running_loop().create_future())
         self._surplus.append(surplus)
         self._arrivals += 1
@@ -145,9 +143,8 @@ class UnderLoadExecutor(PoolExecutor):
                 if not routed.route.done():
                     routed.route.set_result(pipeline)
 
-    def _pipeline(self) -> Batches:
+    def _pipeline(self) -> PooledPipelineExecutor:
         """A pipeline sent on a pooled connection of its own, returned after it."""
-        sender = PooledPipelineExecutor(
+        return PooledPipelineExecutor(
             self._alias, self._limiter, self._log_connection, consistent=False, hold=False
         )
-        return Batches(sender.send, cancellable=True)

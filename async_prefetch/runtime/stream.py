@@ -22,21 +22,17 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import anyio
-import psycopg
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from django.db.models import Model, QuerySet
 from psycopg import AsyncClientCursor, AsyncConnection, AsyncServerCursor
 from psycopg.client_cursor import ClientCursorMixin
-from psycopg.pq import TransactionStatus
 
-from ..config import load_config
-from ..execution.pipeline import BEGIN_CONSISTENT
+from ..execution.pipeline import begin_exporting, end_transaction, exported_snapshot, release
 from ..execution.pool import stoppable
 from ..execution.pools import acquire, get_pool
 from ..execution.querylog import record_query, wants_log
 from ..hydration.rows import row_builder
 from ..sql.compiler import CompiledQuery, compile_queryset
-from .journal import Journal
 from .scheduler import run_in_session
 from .session import CallerContext, Session
 
@@ -67,11 +63,6 @@ class Stream:
         self._chunk_size = chunk_size
         self._read_ahead = read_ahead
         self._memo = memo
-        #: ``consistent``: the root rows are read in a ``REPEATABLE READ`` transaction
-        #: whose snapshot (exported) every chunk's prefetches import.
-        self._consistent = (
-            load_config().consistent if caller.consistent is None else caller.consistent
-        )
         self._snapshot: str | None = None
         self._error: BaseException | None = None
         self._send: MemoryObjectSendStream[list[Model]]
@@ -123,7 +114,10 @@ class Stream:
         if compiled.sql is None:
             return
         build = row_builder(compiled, peers_per_batch=True)  # a chunk's peers: its books
-        async with contextlib.aclosing(self._row_chunks(compiled)) as chunks:
+        # consistent: the root rows are read in a REPEATABLE READ transaction whose
+        # snapshot (exported) every chunk's prefetches import.
+        chunks_of = self._row_chunks(compiled, consistent=session.consistent)
+        async with contextlib.aclosing(chunks_of) as chunks:
             while True:
                 await self._credits.acquire()
                 rows = await anext(chunks, None)
@@ -135,12 +129,12 @@ class Stream:
                 del rows
                 if self._lookups:
                     await run_in_session(session, instances, self._lookups, built=True)
-                    # The chunk's journal holds its caches: let them go with the chunk.
-                    session.journal = Journal()
                 await self._send.send(instances)
                 del instances  # the consumer's now: not kept while the next one is read
 
-    async def _row_chunks(self, compiled: CompiledQuery) -> AsyncGenerator[list[tuple[Any, ...]]]:
+    async def _row_chunks(
+        self, compiled: CompiledQuery, *, consistent: bool
+    ) -> AsyncGenerator[list[tuple[Any, ...]]]:
         """The root rows, ``chunk_size`` at a time, on a pooled connection of their own.
 
         A server-side cursor needs a transaction: it is ended (closing the cursor) and the
@@ -152,7 +146,7 @@ class Stream:
         pool = await get_pool(alias)
         conn = await acquire(pool)
         try:
-            if self._consistent:
+            if consistent:
                 self._snapshot = await stoppable(conn, lambda: _export_snapshot(conn), alias)
             if self._caller.connections[alias].settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
                 async for chunk in self._streamed(conn, compiled):
@@ -160,7 +154,7 @@ class Stream:
                 return
             cursor = _ClientBindingServerCursor(conn, f"_async_prefetch_{next(_cursor_names)}")
             try:
-                if not self._consistent:  # else in the snapshot's transaction already
+                if not consistent:  # else in the snapshot's transaction already
                     await stoppable(conn, lambda: conn.execute("BEGIN"), alias)
                 started = time.perf_counter()
                 await stoppable(conn, lambda: cursor.execute(sql, params), alias)
@@ -170,11 +164,9 @@ class Stream:
                     yield rows
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _end_transaction(conn)
+                    await end_transaction(conn)
         finally:
-            with anyio.CancelScope(shield=True):
-                await _end_transaction(conn)
-                await pool.putconn(conn)
+            await release(conn, pool)
 
     def _log(self, conn: AsyncConnection[Any], sql: str, params: Any, duration: float) -> None:
         """Report the root query where Django tooling looks (as Django's ``iterator()``
@@ -211,26 +203,9 @@ class Stream:
                 yield chunk
 
 
-async def _end_transaction(conn: AsyncConnection[Any]) -> None:
-    """Roll back the stream's read-only transaction (closing its cursor), if it is open."""
-    if conn.closed or conn.info.transaction_status not in (
-        TransactionStatus.INTRANS,
-        TransactionStatus.INERROR,
-    ):
-        return
-    try:
-        await conn.execute("ROLLBACK")
-    except psycopg.Error:
-        await conn.close()  # the pool discards it
-
-
 async def _export_snapshot(conn: AsyncConnection[Any]) -> str:
     """Open a ``REPEATABLE READ READ ONLY`` transaction on ``conn`` and export its
     snapshot, in one round trip; its id."""
     async with conn.pipeline():
-        await conn.execute(BEGIN_CONSISTENT)
-        exported = await conn.execute("SELECT pg_export_snapshot()")
-    row = await exported.fetchone()
-    assert row is not None
-    snapshot: str = row[0]
-    return snapshot
+        exported = await begin_exporting(conn)
+    return await exported_snapshot(exported)
