@@ -132,9 +132,10 @@ def is_djangos_related_manager(manager: object) -> bool:
 
 
 def related_manager_queryset(manager: Any) -> QuerySet[Any]:
-    """A fresh ``manager.get_queryset()`` for a related manager: never the queryset its
-    instance's prefetch cache may already hold (another call may have filled it since
-    this one decided to fetch; that queryset is not this call's to reuse).
+    """A fresh ``manager.get_queryset()`` for a related manager: never a queryset a
+    prefetch cache may already hold (another call may have filled it since this one
+    decided to fetch; that queryset is not this call's to reuse; a multi-table
+    ancestor's, :func:`ancestor_prefetched`, is the caller's to ask for).
 
     Django 6.1 applies the relation's filters to a fresh queryset in place; before 6.1
     each filter cloned the query (the bulk of prefetch time for many small relations).
@@ -146,9 +147,6 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     """
     if not is_djangos_related_manager(manager):
         return manager.get_queryset()  # type: ignore[no-any-return]
-    inherited = ancestor_prefetched(manager)
-    if inherited is not None:
-        return inherited
     queryset: Any = super(type(manager), manager).get_queryset()
     if RELATED_FILTERS_IN_PLACE:  # what get_queryset() does without a prefetched result
         return manager._apply_rel_filters(queryset)  # type: ignore[no-any-return]
@@ -167,21 +165,28 @@ def related_manager_queryset(manager: Any) -> QuerySet[Any]:
     return filtered
 
 
+def inherits_prefetch_caches(manager: Any) -> bool:
+    """Whether ``manager`` (Django 6.1's many-to-many, of a multi-table child) may
+    return a prefetched queryset of its instance's ancestors."""
+    return (
+        ANCESTOR_PREFETCH_CACHES
+        and is_djangos_related_manager(manager)
+        and hasattr(manager, "get_prefetch_cache")
+        and bool(manager.instance._meta.parents)
+    )
+
+
 def ancestor_prefetched(manager: Any) -> QuerySet[Any] | None:
     """The prefetched queryset Django 6.1's many-to-many ``manager.get_queryset()``
     returns from a multi-table ancestor of its instance (``get_prefetch_cache()`` walks
-    the cached parent links), when the instance's own cache has none; ``None`` on
-    earlier versions, for other managers, or when no ancestor holds one."""
-    if not ANCESTOR_PREFETCH_CACHES or not is_djangos_related_manager(manager):
+    the cached parent links), when the instance's own cache has none; ``None`` when
+    :func:`inherits_prefetch_caches` is false or no ancestor holds one."""
+    if not inherits_prefetch_caches(manager):
         return None
-    get_prefetch_cache = getattr(manager, "get_prefetch_cache", None)
-    instance = manager.instance
-    if get_prefetch_cache is None or not instance._meta.parents:
-        return None
-    own = getattr(instance, "_prefetched_objects_cache", None)
+    own = getattr(manager.instance, "_prefetched_objects_cache", None)
     if own is not None and prefetch_cache_name(manager) in own:
         return None
-    return get_prefetch_cache()  # type: ignore[no-any-return]
+    return manager.get_prefetch_cache()  # type: ignore[no-any-return]
 
 
 def prefetch_cache_name(manager: Any) -> str:
@@ -190,6 +195,4 @@ def prefetch_cache_name(manager: Any) -> str:
     name = getattr(manager, "prefetch_cache_name", None)  # many-to-many, generic relations
     if name is not None:
         return str(name)
-    remote = manager.field.remote_field  # reverse foreign key
-    cache_name = getattr(remote, "cache_name", None)  # Django 6.0+
-    return str(cache_name if cache_name is not None else remote.get_cache_name())
+    return str(manager.field.remote_field.cache_name)  # reverse foreign key

@@ -17,14 +17,13 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Model, QuerySet
+from django.db.models import QuerySet
 
 from ..dispatch import capture_async_caller, engine_supports, run_async
 from ..execution import Rows
 from ..execution.pipeline import PipelineAborted
 from ..runtime.scheduler import run_in_session
 from ..runtime.session import CallerContext, Session, in_call_scope
-from ..runtime.trace import ROOT_KEY
 from ..sql.compiler import CompiledQuery, compile_queryset
 from .script import (
     Capture,
@@ -105,10 +104,12 @@ async def run_methods(
     """
     evaluate = in_call_scope(_evaluate, consistent=consistent, round_trips=round_trips)
     outcomes = [_Outcome() for _ in calls]
-    engine = [i for i, call in enumerate(calls) if engine_supports(call.alias)]
-    for i in range(len(calls)):
-        if i not in engine:
-            outcomes[i].django = True
+    engine: list[int] = []
+    django_now: list[int] = []
+    for i, call in enumerate(calls):
+        (engine if engine_supports(call.alias) else django_now).append(i)
+    for i in django_now:
+        outcomes[i].django = True
 
     async def by_engine() -> None:
         await _rounds(calls, engine, outcomes, check_first, evaluate)
@@ -121,7 +122,6 @@ async def run_methods(
                 outcomes[i].error = exc
                 return  # later ones would not have run
 
-    django_now = [i for i in range(len(calls)) if i not in engine]
     if django_now:
         async with anyio.create_task_group() as tg:
             tg.start_soon(by_engine)
@@ -258,9 +258,8 @@ async def _answer(session: Session, need: Need) -> Any:
     if isinstance(need, RowsNeed):
         if need.error is not None:
             raise need.error
-        if need.compiled is None:
-            return await run_in_session(session, [], need.lookups, need.queryset)
-        return await _rows_then_lookups(session, need.compiled, need.lookups)
+        root = need.queryset if need.compiled is None else need.compiled
+        return await run_in_session(session, [], need.lookups, root)
     rows: Rows = []
 
     async def consume(batch: Rows) -> None:
@@ -272,20 +271,3 @@ async def _answer(session: Session, need: Need) -> Any:
     )
     await session.executor(need.alias).fetch(compiled, consume)
     return rows
-
-
-async def _rows_then_lookups(
-    session: Session, compiled: CompiledQuery, lookups: list[Any]
-) -> list[Model]:
-    """``run_in_session(session, [], lookups, queryset)`` for a queryset compiled
-    already: its rows (traced as the root query), then its lookups on them."""
-    trace = session.trace
-    step = trace.start(ROOT_KEY, "query", compiled.sql, compiled.params) if trace else None
-    instances = await session.fetch_instances(compiled)
-    if trace is not None and step is not None:
-        trace.finish(step, len(instances))
-    if not lookups:
-        return instances
-    # Built by this run and reachable by nobody else: as the root query's instances,
-    # their writes need no journal.
-    return await run_in_session(session, instances, lookups, built=True)

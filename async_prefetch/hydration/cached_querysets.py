@@ -63,11 +63,7 @@ def queryset_maker(parents: list[Model], name: str, journal: Journal) -> Queryse
     if type(second) is not parent_class or kind is None or kind.derive_cached_querysets is None:
         return django_querysets
     manager = getattr(first, name)
-    if (
-        _compat.ANCESTOR_PREFETCH_CACHES
-        and hasattr(manager, "get_prefetch_cache")
-        and parent_class._meta.parents
-    ):
+    if _compat.inherits_prefetch_caches(manager):
         return django_querysets  # a parent's queryset may be an ancestor's (Django 6.1)
     template = _compat.related_manager_queryset(manager)
     new_querysets = kind.derive_cached_querysets(descriptor, manager, template, parent_class)

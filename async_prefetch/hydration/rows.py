@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from weakref import ref as weak_ref
 
@@ -48,9 +49,8 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
     select_fields = klass_info["select_fields"]
     start, end = select_fields[0], select_fields[-1] + 1
     init_list = [f[0].target.attname for f in select[start:end]]
-    from_db = fast_from_db(model_cls, init_list, fetch_mode) or _compat.from_db_for(
-        model_cls, fetch_mode
-    )
+    path = fast_path(model_cls, init_list, fetch_mode)
+    from_db = fast_from_db(path) if path else _compat.from_db_for(model_cls, fetch_mode)
     populators = _compat.related_populators(klass_info, select, db, fetch_mode)
     known_related = []
     for field, related_objs in queryset._known_related_objects.items():  # type: ignore[attr-defined]
@@ -63,12 +63,13 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
         known_related.append((field, related_objs, attnames, operator.attrgetter(*attnames)))
     check_deferred = _compat.HAS_FETCH_MODES
     track_peers = _compat.tracks_peers(fetch_mode)
-    peers: list[Any] = [] if _compat.HAS_FETCH_MODES else Peers()  # 5.2: see Peers
+    new_peers: Callable[[], Any] = list if _compat.HAS_FETCH_MODES else Peers  # 5.2: see Peers
+    peers = new_peers()
     col_count = compiler.col_count if compiler.has_extra_select else None
 
     plain = not (track_peers or populators or annotation_col_map or known_related)
     whole_row = start == 0 and end == len(select) and col_count is None
-    build_many = fast_batch_from_db(model_cls, init_list, fetch_mode) if plain else None
+    build_many = fast_batch_from_db(path, init_list) if plain and path else None
 
     def build(rows: Rows) -> list[Model]:
         batch: Any = rows  # results_iter() takes any iterable of rows per batch
@@ -84,7 +85,7 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
             return [from_db(db, init_list, row[start:end]) for row in rows_out]
         nonlocal peers
         if peers_per_batch and track_peers:
-            peers = [] if _compat.HAS_FETCH_MODES else Peers()
+            peers = new_peers()
         instances: list[Model] = []
         peers_before = len(peers)
         try:
@@ -121,17 +122,30 @@ PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
 """Descriptors that read a loaded field straight from the instance's ``__dict__``."""
 
 
-def fast_from_db(
-    model: type[Model], init_list: list[str], fetch_mode: Any
-) -> Callable[[str, list[str], Sequence[Any]], Model] | None:
-    """An equivalent of ``model.from_db`` that skips ``Model.__init__``, when that is exact.
+@dataclass(frozen=True)
+class FastPath:
+    """How :func:`fast_path` builds ``model``'s instances without ``Model.__init__``."""
+
+    model: type[Model]
+    fetch_mode: Any
+    state_class: type[ModelState]
+    #: A foreign key's descriptor stores into ``__dict__`` (materialising it, as Django's
+    #: ``__init__`` does through that descriptor): the fields go there directly.
+    #: Otherwise they are set one by one, so that the instance keeps CPython's compact
+    #: attribute storage (no ``__dict__`` object), as Django's does.
+    fills_dict: bool
+
+
+def fast_path(model: type[Model], init_list: list[str], fetch_mode: Any) -> FastPath | None:
+    """How to build ``model.from_db``'s instance while skipping ``Model.__init__``, when
+    that is exact; otherwise ``None``.
 
     ``from_db`` calls ``__init__``, which sends ``pre_init``/``post_init`` and sets each
     loaded field with ``setattr``. When the model overrides neither, nobody listens to
     those signals for it and every loaded field's descriptor is Django's plain one (no
     ``__set__`` side effects on a fresh instance), the result is an instance whose
     ``__dict__`` holds ``_state`` (``adding=False``, ``db``, 6.1's fetch mode) and the
-    loaded values, in field order: that is built directly. Otherwise ``None``.
+    loaded values, in field order: that is built directly.
     """
     descriptors = {type(getattr(model, attname, None)) for attname in init_list}
     if (
@@ -142,11 +156,20 @@ def fast_from_db(
         or not descriptors.issubset(PLAIN_DESCRIPTORS)
     ):
         return None
-    new_instance = object.__new__
-
     # Django 5.2 has no fetch modes: the engine's go in slots (see ModelStateWithMode).
     with_mode = fetch_mode is not None and not HAS_FETCH_MODES
-    state_class = ModelStateWithMode if with_mode else ModelState
+    return FastPath(
+        model,
+        fetch_mode,
+        ModelStateWithMode if with_mode else ModelState,
+        fills_dict=descriptors != {DeferredAttribute},
+    )
+
+
+def fast_from_db(path: FastPath) -> Callable[[str, list[str], Sequence[Any]], Model]:
+    """An equivalent of ``path.model.from_db`` (see :func:`fast_path`)."""
+    new_instance, model, state_class = object.__new__, path.model, path.state_class
+    fetch_mode = path.fetch_mode
 
     def new_state(db: str) -> ModelState:
         state = state_class()
@@ -156,9 +179,8 @@ def fast_from_db(
             state.fetch_mode = fetch_mode
         return state
 
-    if descriptors != {DeferredAttribute}:
-        # A foreign key's descriptor stores into __dict__ (materialising it, as
-        # Django's __init__ does through that descriptor): fill it directly.
+    if path.fills_dict:
+
         def build_dict(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
             obj = new_instance(model)
             attrs = obj.__dict__
@@ -169,8 +191,6 @@ def fast_from_db(
         return build_dict
 
     def build(db: str, field_names: list[str], values: Sequence[Any]) -> Model:
-        # Plain attributes only: set them one by one, so that the instance keeps
-        # CPython's compact attribute storage (no __dict__ object), as Django's does.
         obj = new_instance(model)
         obj._state = new_state(db)
         for name, value in zip(field_names, values, strict=True):
@@ -181,26 +201,23 @@ def fast_from_db(
 
 
 def fast_batch_from_db(
-    model: type[Model], init_list: list[str], fetch_mode: Any
+    path: FastPath, init_list: list[str]
 ) -> Callable[[str, Iterable[Sequence[Any]]], list[Model]] | None:
-    """``[fast_from_db(...)(db, init_list, row) for row in rows]`` as one generated loop
-    (no call per row), when :func:`fast_from_db` applies; otherwise ``None``.
+    """``[fast_from_db(path)(db, init_list, row) for row in rows]`` as one generated loop
+    (no call per row); ``None`` for no fields, or a field name it cannot assign.
 
     Same instances, attributes assigned in the same order: ``_state`` first, then the
-    loaded fields, into ``__dict__`` when a foreign key's descriptor is among them (as
-    ``fast_from_db`` does), else one by one (CPython's compact attribute storage).
+    loaded fields (see :attr:`FastPath.fills_dict`).
     """
-    if not init_list or fast_from_db(model, init_list, fetch_mode) is None:
+    if not init_list:
         return None
-    with_mode = fetch_mode is not None and not HAS_FETCH_MODES
     namespace: dict[str, Any] = {
         "_new": object.__new__,
-        "_model": model,
-        "_state_class": ModelStateWithMode if with_mode else ModelState,
-        "_fetch_mode": fetch_mode,
+        "_model": path.model,
+        "_state_class": path.state_class,
+        "_fetch_mode": path.fetch_mode,
     }
-    descriptors = {type(getattr(model, attname, None)) for attname in init_list}
-    if descriptors != {DeferredAttribute}:
+    if path.fills_dict:
         for index, name in enumerate(init_list):
             namespace[f"_name_{index}"] = name
         targets = ", ".join(f"attrs[_name_{index}]" for index in range(len(init_list)))
@@ -215,7 +232,7 @@ def fast_batch_from_db(
         "state = _state_class()",
         "state.adding = False",
         "state.db = db",
-        *(["state.fetch_mode = _fetch_mode"] if fetch_mode is not None else []),
+        *(["state.fetch_mode = _fetch_mode"] if path.fetch_mode is not None else []),
         *fields,
         "append(obj)",
     ]

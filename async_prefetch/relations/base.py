@@ -9,6 +9,7 @@ builders make. Key functions read plainly stored fields at C speed (:class:`Valu
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ class ValueKey:
     def many(self, objs: Sequence[Any]) -> list[Hashable]:
         """``[self(obj) for obj in objs]``."""
         if set(map(type, objs)) <= {self._model}:
-            values: list[Hashable] = field_values(self._model, self._attname, objs)
+            values: list[Hashable] = model_field_values(self._model, self._attname, objs)
             if not self._ints_only or set(map(type, values)) <= {int}:
                 return values
             django_key = self._django_key
@@ -174,20 +175,24 @@ class ValueKey:
 
 
 def field_values(model: type[Model], attname: str, objs: Sequence[Any]) -> list[Any]:
-    """``[getattr(obj, attname) for obj in objs]``.
+    """``[getattr(obj, attname) for obj in objs]``; see :func:`model_field_values`."""
+    if set(map(type, objs)) <= {model}:
+        return model_field_values(model, attname, objs)
+    return list(map(operator.attrgetter(attname), objs))
+
+
+def model_field_values(model: type[Model], attname: str, objs: Sequence[Any]) -> list[Any]:
+    """``[getattr(obj, attname) for obj in objs]`` for instances of exactly ``model``.
 
     A foreign key's column attribute has a data descriptor (Django's
     ``ForeignKeyDeferredAttribute``) whose ``__get__``, a Python call per read, returns
-    ``obj.__dict__[attname]`` when the value is loaded: the loaded values of instances
-    of exactly ``model`` are read from their ``__dict__`` at C speed (an instance with a
-    loaded foreign key has its ``__dict__`` made already: Django's ``__init__`` assigns
-    through that descriptor, which writes to it). When one of them is deferred, every
-    value is read through the descriptor, in order, loading the deferred ones as Django
-    would.
+    ``obj.__dict__[attname]`` when the value is loaded: the loaded values are read from
+    the instances' ``__dict__`` at C speed (an instance with a loaded foreign key has
+    its ``__dict__`` made already: Django's ``__init__`` assigns through that descriptor,
+    which writes to it). When one of them is deferred, every value is read through the
+    descriptor, in order, loading the deferred ones as Django would.
     """
-    if type(model.__dict__.get(attname)) is ForeignKeyDeferredAttribute and set(
-        map(type, objs)
-    ) <= {model}:
+    if type(inspect.getattr_static(model, attname, None)) is ForeignKeyDeferredAttribute:
         try:
             return list(map(operator.itemgetter(attname), map(vars, objs)))
         except KeyError:  # deferred: loaded by the descriptor

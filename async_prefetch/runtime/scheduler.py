@@ -28,7 +28,7 @@ from ..planning.errors import already_seen
 from ..planning.plan import Level, Plan, normalize
 from ..relations import RelationQuery
 from ..relations.delegated import django_prefetch_querysets
-from ..sql.compiler import compile_queryset
+from ..sql.compiler import CompiledQuery, compile_queryset
 from .decide import Fetch, Part, decide
 from .errors import primary_error
 from .journal import Journal
@@ -64,14 +64,15 @@ async def run_in_session(
     session: Session,
     instances: list[Model],
     lookups: Sequence[Any],
-    root_queryset: QuerySet[Any] | None = None,
+    root_queryset: QuerySet[Any] | CompiledQuery | None = None,
     *,
     built: bool = False,
 ) -> list[Model]:
     """:func:`run_prefetch` in ``session`` (one limit, executors and trace for several
-    runs: the chunks of a stream), with a journal of its own. ``built``: the caller built
-    ``instances`` and nobody else can reach them yet (a stream's chunk, dropped whole if
-    its prefetch fails): writes to them are not recorded."""
+    runs: the chunks of a stream), with a journal of its own. ``root_queryset`` may be
+    compiled already (Django's compile-time errors raised by the caller). ``built``: the
+    caller built ``instances`` and nobody else can reach them yet (a stream's chunk,
+    dropped whole if its prefetch fails): writes to them are not recorded."""
     session.journal = Journal()
     session.journal.open()
     if built:
@@ -80,6 +81,7 @@ async def run_in_session(
         return await _Run(session).execute(instances, lookups, root_queryset, outer=True)
     finally:
         session.journal.close()
+        session.journal = Journal()  # it holds the run's caches: they go with the run
 
 
 class _Run:
@@ -107,14 +109,18 @@ class _Run:
         self,
         instances: list[Model],
         lookups: Sequence[Any],
-        root_queryset: QuerySet[Any] | None,
+        root_queryset: QuerySet[Any] | CompiledQuery | None,
         *,
         outer: bool,
     ) -> list[Model]:
         """Run ``lookups``; the outer run of a call undoes the call's writes on failure."""
         normalized = normalize(lookups)
         if root_queryset is not None:
-            compiled = compile_queryset(root_queryset)
+            compiled = (
+                root_queryset
+                if isinstance(root_queryset, CompiledQuery)
+                else compile_queryset(root_queryset)
+            )
             trace = self._trace
             step = trace.start(ROOT_KEY, "query", compiled.sql, compiled.params) if trace else None
             instances = await self._session.fetch_instances(compiled)
