@@ -75,7 +75,7 @@ async def aprefetch(
         await _aprefetch_objects(instances, all_lookups, memo, call, mode)
         return instances
     caller = await capture_async_caller()
-    runner = _runner(memo, root=queryset, mode=mode, consistent=consistent)
+    runner = _runner(memo, root=queryset, mode=mode, consistent=call.consistent)
     fetched: list[M] = await run_async(caller, runner, [], all_lookups)
     return fetched
 
@@ -129,7 +129,7 @@ def prefetch(
         instances = list(queryset)  # rows Django builds; the lookups still concurrent
         _prefetch_objects(instances, all_lookups, memo, call, mode)
         return instances
-    runner = _runner(memo, root=queryset, mode=mode, consistent=consistent)
+    runner = _runner(memo, root=queryset, mode=mode, consistent=call.consistent)
     fetched: list[M] = run_sync(CallerContext.capture(), runner, [], all_lookups)
     return fetched
 

@@ -30,4 +30,4 @@ class AsyncPrefetchConfig(AppConfig):
         if config is not None and config.auto:
             from .access.hooks import ensure_installed
 
-            ensure_installed(to_one=True)  # reads AUTO, and follows the setting from then on
+            ensure_installed()  # reads AUTO, and follows the setting from then on

@@ -46,9 +46,13 @@ def _activity(condition: str) -> int:
     return int(count)
 
 
-def sleepers() -> int:
-    """Queries of other connections still sleeping in ``pg_sleep(5)`` in the server."""
-    return _activity("state = 'active' AND query LIKE '%%pg_sleep(5)%%'")
+def sleepers(seconds: float = 5, *, engine_only: bool = False) -> int:
+    """Queries of other connections (the engine's pooled ones only, with
+    ``engine_only``) sleeping in ``pg_sleep(seconds)`` in the server now."""
+    condition = f"state = 'active' AND query LIKE '%%pg_sleep({seconds:g})%%'"
+    if engine_only:
+        condition += " AND application_name = 'async_prefetch' AND datname = current_database()"
+    return _activity(condition)
 
 
 def busy_engine_connections() -> int:

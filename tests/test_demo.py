@@ -7,39 +7,20 @@ server as ``DATABASE_URL`` (its tables live in the server's own database, as the
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from itertools import combinations
-from pathlib import Path
 
 from async_prefetch.devtools.demo.bookstore import DemoResult
 from async_prefetch.devtools.demo.cli import verdict
-from async_prefetch.devtools.embedded import ENV_SOURCE, get_server
+from tests.bench_process import run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 BOOKS, PAGE = 30, 10
 SMALL = ("--books", str(BOOKS), "--page-size", str(PAGE), "--runs", "1")
 
 
 def run_demo(*args: str) -> str:
     """``python -m async_prefetch demo *args``; must exit 0 (both results identical)."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = get_server().url()
-    env.pop(ENV_SOURCE, None)  # a forced embedded source would ignore DATABASE_URL
-    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest-django's; the demo configures its own
-    done = subprocess.run(
-        [sys.executable, "-m", "async_prefetch", "demo", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    return done.stdout
+    return run_module("async_prefetch", "demo", *args, timeout=120).stdout
 
 
 def milliseconds(output: str, label: str) -> tuple[float, int]:

@@ -324,17 +324,6 @@ async def test_two_agets_query_at_the_same_time(bookstore: Bookstore) -> None:
     assert abs(first.started_at - second.started_at) < timedelta(seconds=0.8 * SLEEP)
 
 
-def engine_sleepers() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'async_prefetch'"
-            " AND datname = current_database() AND state = 'active'"
-            " AND query LIKE '%%pg_sleep(0.8)%%'"
-        )
-        (count,) = cursor.fetchone()
-    return int(count)
-
-
 @pytest.mark.anyio
 @pytest.mark.django_db(transaction=True)
 async def test_count_exists_and_aggregate_run_at_once_on_the_pool(bookstore: Bookstore) -> None:
@@ -345,7 +334,7 @@ async def test_count_exists_and_aggregate_run_at_once_on_the_pool(bookstore: Boo
     most = 0
     for _ in range(60):
         await asyncio.sleep(0.02)
-        most = max(most, await sync_to_async(engine_sleepers)())
+        most = max(most, await sync_to_async(sleepers)(0.8, engine_only=True))
         if most == 3 or work.done():
             break
     count, exists, aggregate = await work

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = [
     "CacheListener",
@@ -53,34 +53,47 @@ class LazyLoad:
         return f"{self.path}__{self.name}" if self.path else self.name
 
 
-_listeners: tuple[Callable[[LazyLoad], None], ...] = ()
+L = TypeVar("L")
+
+
+class _Registry(Generic[L]):
+    """Listeners, swapped as a whole tuple under a lock: emitters iterate a snapshot."""
+
+    __slots__ = ("listeners",)
+
+    def __init__(self) -> None:
+        self.listeners: tuple[L, ...] = ()
+
+    def subscribe(self, listener: L) -> Callable[[], None]:
+        with _lock:
+            self.listeners = (*self.listeners, listener)
+
+        def unsubscribe() -> None:
+            with _lock:
+                remaining = list(self.listeners)
+                if listener in remaining:
+                    remaining.remove(listener)
+                self.listeners = tuple(remaining)
+
+        return unsubscribe
+
+
 _lock = threading.Lock()
+_lazy_loads: _Registry[Callable[[LazyLoad], None]] = _Registry()
 
 
 def subscribe(listener: Callable[[LazyLoad], None]) -> Callable[[], None]:
     """Call ``listener`` for every lazy load from now on; returns the unsubscribe function."""
-    global _listeners
-    with _lock:
-        _listeners = (*_listeners, listener)
-
-    def unsubscribe() -> None:
-        global _listeners
-        with _lock:
-            remaining = list(_listeners)
-            if listener in remaining:
-                remaining.remove(listener)
-            _listeners = tuple(remaining)
-
-    return unsubscribe
+    return _lazy_loads.subscribe(listener)
 
 
 def has_listeners() -> bool:
-    return bool(_listeners)
+    return bool(_lazy_loads.listeners)
 
 
 def emit(event: LazyLoad) -> None:
     """Hand ``event`` to every listener (a snapshot of them: subscribing meanwhile is safe)."""
-    for listener in _listeners:
+    for listener in _lazy_loads.listeners:
         listener(event)
 
 
@@ -104,7 +117,7 @@ class CacheListener(Protocol):
         """Code read relation ``name`` of ``instance`` (a cached value or a lazy load)."""
 
 
-_cache_listeners: tuple[CacheListener, ...] = ()
+_caches: _Registry[CacheListener] = _Registry()
 
 
 def subscribe_caches(listener: CacheListener) -> Callable[[], None]:
@@ -112,23 +125,11 @@ def subscribe_caches(listener: CacheListener) -> Callable[[], None]:
     unsubscribe function. Reads of to-one relations are only seen while
     :func:`async_prefetch.access.hooks.watch_caches` has installed its read hooks (it
     subscribes through this function)."""
-    global _cache_listeners
-    with _lock:
-        _cache_listeners = (*_cache_listeners, listener)
-
-    def unsubscribe() -> None:
-        global _cache_listeners
-        with _lock:
-            remaining = list(_cache_listeners)
-            if listener in remaining:
-                remaining.remove(listener)
-            _cache_listeners = tuple(remaining)
-
-    return unsubscribe
+    return _caches.subscribe(listener)
 
 
 def has_cache_listeners() -> bool:
-    return bool(_cache_listeners)
+    return bool(_caches.listeners)
 
 
 def emit_filled(
@@ -140,11 +141,11 @@ def emit_filled(
     caches, in the caller's context (the engine's tasks and threads inherit it);
     ``where`` is the prefetch call's site."""
     if instances:
-        for listener in _cache_listeners:
+        for listener in _caches.listeners:
             listener.filled(instances, path, name, where)
 
 
 def emit_read(instance: Any, name: str) -> None:
     """Report a read of relation ``name`` on ``instance``."""
-    for listener in _cache_listeners:
+    for listener in _caches.listeners:
         listener.read(instance, name)

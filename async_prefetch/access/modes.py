@@ -58,6 +58,7 @@ __all__ = [
     "PrefetchMode",
     "attribute_name",
     "default_mode",
+    "live_peers",
     "mode_of",
     "state_mode",
 ]
@@ -104,8 +105,7 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        where = self.origin.where if self.origin is not None else None
-        return f"<PrefetchMode auto={self.auto} path={self.path!r} where={where!r}>"
+        return f"<PrefetchMode auto={self.auto} path={self.path!r} where={self.where!r}>"
 
     def __reduce__(self) -> Any:
         # A pickled instance (a cache backend) keeps the behaviour, not the call.
@@ -115,6 +115,15 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
     def track_peers(self) -> bool:  # Django 6.1 reads this to record peers
         return self.auto
 
+    @property
+    def where(self) -> str | None:
+        """The site of the call that built the instances, when known."""
+        return self.origin.where if self.origin is not None else None
+
+    def lookup(self, name: str) -> str:
+        """The lookup path from the call's roots to relation ``name`` of these instances."""
+        return f"{self.path}__{name}" if self.path else name
+
     def child(self, name: str) -> PrefetchMode:
         """The mode of the instances reached from these through relation ``name``."""
         mode = self._children.get(name)
@@ -122,9 +131,8 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
             with self._lock:
                 mode = self._children.get(name)
                 if mode is None:
-                    path = f"{self.path}__{name}" if self.path else name
                     mode = self._children[name] = PrefetchMode(
-                        auto=self.auto, origin=self.origin, path=path
+                        auto=self.auto, origin=self.origin, path=self.lookup(name)
                     )
         return mode
 
@@ -148,7 +156,7 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
 
     def _fetch_field(self, fetcher: DeferredAttribute, instance: Model) -> None:
         self._refuse_in_event_loop(instance, fetcher.field.attname, field=True)
-        peers = self.live_peers(instance) if self.auto else []
+        peers = live_peers(instance) if self.auto else []
         if len(peers) > 1:
             fetcher.fetch_many(peers)
         else:
@@ -164,16 +172,17 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
         are ``missing`` it (the caches are then filled; the caller reads them, or loads
         just this instance's when no other peer lacks it)."""
         peers = (
-            [peer for peer in self.live_peers(instance) if peer is instance or missing(peer)]
+            [peer for peer in live_peers(instance) if peer is instance or missing(peer)]
             if self.auto
             else []
         )
         origin = self.origin
         if origin is not None and origin.learned is not None:
-            origin.learned.note(f"{self.path}__{name}" if self.path else name)
+            origin.learned.note(self.lookup(name))
         if events.has_listeners():
-            where = origin.where if origin is not None else None
-            events.emit(events.LazyLoad(instance, name, self.path, where, max(len(peers), 1), many))
+            events.emit(
+                events.LazyLoad(instance, name, self.path, self.where, max(len(peers), 1), many)
+            )
         self._refuse_in_event_loop(instance, name)
         if len(peers) > 1:
             from ..api import prefetch_related_objects  # the engine; imports Django's ORM
@@ -193,12 +202,6 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
         carry the mode of that path."""
         queryset._fetch_mode = self.child(name)
 
-    def live_peers(self, instance: Model) -> list[Model]:
-        """The instances of ``instance``'s query that are still alive (itself included)."""
-        refs: Iterable[weakref.ref[Model]] = getattr(instance._state, "peers", ())
-        peers = [peer for ref in refs if (peer := ref()) is not None]
-        return peers if peers else [instance]
-
     def _refuse_in_event_loop(self, instance: Model, name: str, *, field: bool = False) -> None:
         if not _in_event_loop():
             return
@@ -209,7 +212,7 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
                 "run in an event loop: drop it from defer()/only(), or read it with "
                 "await instance.arefresh_from_db(fields=[...])."
             )
-        lookup = f"{self.path}__{name}" if self.path else name
+        lookup = self.lookup(name)
         origin = self.origin
         if origin is not None and origin.where is not None:
             where = f"{origin.function}(...) at {origin.where}"
@@ -304,6 +307,13 @@ def _is_cached(fetcher: Any, instance: Model) -> bool:
 def _cached_value(fetcher: Any, instance: Model) -> Any:
     cache = getattr(fetcher, "related", None) or fetcher.field  # reverse one-to-one: the rel
     return cache.get_cached_value(instance, default=None)
+
+
+def live_peers(instance: Model) -> list[Model]:
+    """The instances of ``instance``'s query that are still alive (itself included)."""
+    refs: Iterable[weakref.ref[Model]] = getattr(instance._state, "peers", ())
+    peers = [peer for ref in refs if (peer := ref()) is not None]
+    return peers if peers else [instance]
 
 
 def _in_event_loop() -> bool:

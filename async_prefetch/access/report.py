@@ -41,7 +41,6 @@ __all__ = [
     "NPlusOneError",
     "PrefetchReport",
     "UnreadPrefetch",
-    "current_reports",
     "prefetch_report",
 ]
 
@@ -204,7 +203,7 @@ class PrefetchReport:
     def _lazy_load(self, event: events.LazyLoad, where: str | None) -> None:
         instance = event.instance
         mode = mode_of(instance)
-        origin = mode.origin.where if mode is not None and mode.origin is not None else None
+        origin = mode.where if mode is not None else None
         model = type(instance).__name__
         key = (model, event.name, where, event.lookup, origin)
         with self._lock:
@@ -291,11 +290,6 @@ _active: ContextVar[tuple[PrefetchReport, ...]] = ContextVar("async_prefetch_rep
 _open_lock = threading.Lock()
 _open = 0
 _unsubscribe: list[Any] = []
-
-
-def current_reports() -> tuple[PrefetchReport, ...]:
-    """The reports open in this context (innermost last)."""
-    return _active.get()
 
 
 def _on_lazy_load(event: events.LazyLoad) -> None:
@@ -385,6 +379,6 @@ def _fill_site(instance: Any) -> str | None:
     """Where a prefetch level was filled: the engine call's site (from the instances'
     mode), else the application code running the prefetch."""
     mode = mode_of(instance)
-    if mode is not None and mode.origin is not None and mode.origin.where is not None:
-        return mode.origin.where
+    if mode is not None and mode.where is not None:
+        return mode.where
     return sites.location()

@@ -15,7 +15,7 @@ from django.db.models import Model
 from django.db.models.query_utils import DeferredAttribute
 
 from . import events
-from .modes import PrefetchMode, attribute_name
+from .modes import PrefetchMode, attribute_name, live_peers
 
 __all__ = [
     "django_fetch",
@@ -77,10 +77,7 @@ def django_fetch(*, peers: bool) -> Callable[[Any], Any]:
             if events.has_listeners() and not isinstance(fetcher, DeferredAttribute):
                 name = attribute_name(type(instance), fetcher)
                 if name is not None:
-                    count = 1
-                    if peers:
-                        refs = getattr(instance._state, "peers", ())
-                        count = max(1, sum(1 for ref in refs if ref() is not None))
+                    count = len(live_peers(instance)) if peers else 1
                     events.emit(events.LazyLoad(instance, name, None, None, count, False))
             original(self, fetcher, instance)
 
