@@ -160,9 +160,11 @@ def digest(results: Sequence[Any]) -> Digest:
     )
 
 
-async def gather_django(alias: str, targets: Targets) -> list[Any]:
-    """Django: ``asyncio.gather`` of ``aget()`` and async list comprehensions."""
-    book, page, reviews, author, publishers = get_querysets(alias, targets)
+async def gather_django(alias: str, targets: Targets, base: type | None = None) -> list[Any]:
+    """``asyncio.gather`` of ``aget()`` and async list comprehensions: Django's own
+    methods, or those of ``base`` (a queryset class, e.g.
+    :class:`~async_prefetch.terminals.PoolQuerySet`)."""
+    book, page, reviews, author, publishers = get_querysets(alias, targets, base)
 
     async def rows(queryset: Any) -> list[Any]:
         return [obj async for obj in queryset]
@@ -186,24 +188,11 @@ async def gather_engine(alias: str, targets: Targets, round_trips: int | None = 
 
 
 async def gather_pool(alias: str, targets: Targets) -> list[Any]:
-    """``asyncio.gather`` of :class:`~async_prefetch.terminals.PoolQuerySet`'s ``aget()``
-    and ``async for``."""
+    """:func:`gather_django` with :class:`~async_prefetch.terminals.PoolQuerySet`'s
+    ``aget()`` and ``async for``."""
     from async_prefetch.terminals import PoolQuerySet
 
-    book, page, reviews, author, publishers = get_querysets(alias, targets, PoolQuerySet)
-
-    async def rows(queryset: Any) -> list[Any]:
-        return [obj async for obj in queryset]
-
-    return list(
-        await asyncio.gather(
-            book.aget(pk=targets.book),
-            rows(page),
-            rows(reviews),
-            author.aget(name=targets.author),
-            rows(publishers),
-        )
-    )
+    return await gather_django(alias, targets, PoolQuerySet)
 
 
 SQF_MODULE = "django_querysets_single_query_fetch.service"
@@ -599,30 +588,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.rtts, args.runs = [0.0], 1
 
-    from django.core.management import call_command
-
-    from async_prefetch.devtools.bench.runner import (
-        alias_for,
-        configure_django,
-        machine_facts,
-        shutdown_engine,
-    )
+    from async_prefetch.devtools.bench.runner import alias_for, bench_database, machine_facts
     from async_prefetch.devtools.bench.workloads import build_workloads
     from async_prefetch.devtools.demo.bookstore import seed
-    from async_prefetch.devtools.embedded import get_server
-    from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 
     started = time.perf_counter()
-    server = get_server()
     results = Results()
     with contextlib.ExitStack() as stack:
-        proxies: dict[str, tuple[str, int]] = {}
-        for rtt in args.rtts:
-            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
-            proxies[alias_for(rtt)] = (proxy.host, proxy.port)
-        configure_django(server, proxies)
-        stack.callback(shutdown_engine)
-        call_command("migrate", run_syncdb=True, verbosity=0)
+        server, _ = stack.enter_context(bench_database(args.rtts))
         seed(200)
         workloads = build_workloads(quick=args.quick)
         for name in ATOMIC_WORKLOADS:

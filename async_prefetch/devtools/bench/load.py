@@ -8,7 +8,7 @@ result is checked against Django's (outside the call's timed span). The sides (:
 
 * ``django_threads_pool``: ``--threads`` threads, each call ``list(qs.prefetch_related(...))``
   on a Django alias with psycopg's connection pool (``OPTIONS["pool"]``, min = max =
-  :data:`~async_prefetch.devtools.bench.peers.POOL_SIZE`, the engine's pool size), the
+  :data:`~async_prefetch.devtools.bench.runner.POOL_SIZE`, the engine's pool size), the
   connection closed (given back to the pool) after each call as at the end of a request;
 * ``django_threads_own``: the same threads, each keeping its own connection (a connection per
   thread, as Django does with persistent connections): ``--threads`` connections;
@@ -40,15 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from async_prefetch.devtools.bench.peers import (
-    POOL_SIZE,
-    configure_django,
-    prepare,
-    proxied,
-    read_fanout_django,
-    versions,
-)
-from async_prefetch.devtools.bench.runner import alias_for
+from async_prefetch.devtools.bench.peers import prepare, read_fanout_django, versions
+from async_prefetch.devtools.bench.runner import POOL_SIZE, alias_for, configure_django, proxied
 
 if TYPE_CHECKING:
     from async_prefetch.devtools.bench.workloads import Workload

@@ -21,7 +21,6 @@ Run: ``python -m async_prefetch.devtools.bench.n_plus_one --rtts 0 1 5 --runs 7`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
@@ -137,29 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/n-plus-one.md"))
     args = parser.parse_args(argv)
 
-    from django.core.management import call_command
-
-    from async_prefetch.devtools.bench.runner import (
-        alias_for,
-        configure_django,
-        machine_facts,
-        shutdown_engine,
-    )
+    from async_prefetch.devtools.bench.runner import alias_for, bench_database, machine_facts
     from async_prefetch.devtools.demo.bookstore import seed
-    from async_prefetch.devtools.embedded import get_server
-    from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 
     started = time.perf_counter()
-    server = get_server()
     results: dict[float, dict[str, list[float]]] = {}
-    with contextlib.ExitStack() as stack:
-        proxies: dict[str, tuple[str, int]] = {}
-        for rtt in args.rtts:
-            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
-            proxies[alias_for(rtt)] = (proxy.host, proxy.port)
-        configure_django(server, proxies)
-        stack.callback(shutdown_engine)
-        call_command("migrate", run_syncdb=True, verbosity=0)
+    with bench_database(args.rtts) as (server, _):
         seed(max(args.books, 200))
         facts = machine_facts(server)
         for rtt in args.rtts:

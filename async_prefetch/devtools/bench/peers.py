@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import datetime
 import functools
@@ -54,34 +53,34 @@ import json
 import os
 import platform
 import pstats
-import re
 import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-import django
-from django.conf import settings
 from django.core.management import call_command
 
 from async_prefetch.devtools.bench.runner import (
+    POOL_SIZE,
     CollectorClock,
+    Memory,
     alias_for,
-    child_env,
+    configure_django,
     fmt_ms,
     fmt_ratio,
+    memory_children,
+    memory_runs,
+    print_memory,
     progress,
-    run_memory_child,
+    proxied,
 )
 from async_prefetch.devtools.bench.workloads import build_workloads
-from async_prefetch.devtools.demo.bookstore import DEMO_APP
 from async_prefetch.devtools.embedded import ServerInfo, get_server
-from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 
 if TYPE_CHECKING:
     from async_prefetch.devtools.bench.workloads import Workload
@@ -90,8 +89,6 @@ BENCH_APP: Final = "async_prefetch.devtools.bench"
 WORKLOADS: Final = ("fanout-100", "chain", "fanout-1000")
 DEFAULT_RTTS: Final = (0.0, 1.0, 5.0)
 DEFAULT_RUNS: Final = 11
-POOL_SIZE: Final = 10
-"""Connections per pool, for the engine and every peer (min = max where the pool has both)."""
 SIDES: Final = (
     "django_sync",
     "engine",
@@ -141,31 +138,6 @@ def available_sides() -> list[str]:
 
 
 # -- Django set-up ----------------------------------------------------------------------------
-
-
-def configure_django(
-    server: ServerInfo,
-    proxies: dict[str, tuple[str, int]],
-    extra: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """``settings.configure``: ``default`` straight to ``server``, each alias of ``proxies``
-    through its proxy (TCP host, port), plus ``extra`` database entries; the engine's pool is
-    :data:`POOL_SIZE` (min = max). Raises ``RuntimeError`` if settings are configured."""
-    if settings.configured:
-        raise RuntimeError("the peers bench configures Django itself; run it in a fresh process")
-    databases = {"default": server.django_database()}
-    for alias, (host, port) in proxies.items():
-        databases[alias] = server.django_database(HOST=host, PORT=str(port))
-    databases.update(extra or {})
-    settings.configure(
-        DATABASES=databases,
-        INSTALLED_APPS=["django.contrib.contenttypes", DEMO_APP, BENCH_APP],
-        USE_TZ=True,
-        TIME_ZONE="UTC",
-        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-        ASYNC_PREFETCH={"POOL": {"MIN_SIZE": POOL_SIZE, "MAX_SIZE": POOL_SIZE}},
-    )
-    django.setup()
 
 
 def prepare(names: Sequence[str], quick: bool) -> dict[str, Workload]:
@@ -902,31 +874,6 @@ def profile_engine(
 # -- peak memory ------------------------------------------------------------------------------
 
 
-@dataclass
-class Memory:
-    """Peak resident memory (KiB) of one side's first run in a fresh process (which also
-    connects) and of its second run there; ``baseline_kib`` is the resident size before
-    the first run (imports, Django and the peers' set-up done, nothing connected)."""
-
-    workload: str
-    side: str
-    rtt_ms: float
-    peak_kib: int
-    baseline_kib: int
-    second_peak_kib: int
-
-
-def _status_kib(name: str) -> int:
-    found = re.search(rf"^{name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    if found is None:
-        raise RuntimeError(f"no {name} in /proc/self/status")
-    return int(found.group(1))
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-
-
 def memory_child(spec: str, db: str, rtt_ms: float, quick: bool) -> int:
     """Subprocess body: two runs of side ``workload:side`` through the proxy ``db``
     (``host:port``), then ``MEMORY {json}`` on stdout. Every side's process imports the
@@ -949,23 +896,18 @@ def memory_child(spec: str, db: str, rtt_ms: float, quick: bool) -> int:
     with asyncio.Runner() as runner:
         peers = runner.run(open_peers(server, proxy, [side]))
         call = measures(workload, alias, n, peers[alias], [side], runner)[side]
-        gc.collect()
-        _reset_peak()
-        baseline = _status_kib("VmRSS")
-        call()
-        peak = _status_kib("VmHWM")
-        gc.collect()
-        _reset_peak()
-        call()
-        second = _status_kib("VmHWM")
+
+        def run_once() -> int:
+            call()
+            return n
+
+        memory = memory_runs(name, side, rtt_ms, run_once)
         runner.run(close_peers(peers))
     if side == "engine":
         from async_prefetch.runtime import bridge
 
         bridge.shutdown()
-    memory = Memory(name, side, rtt_ms, peak, baseline, second)
-    print("MEMORY " + json.dumps(asdict(memory)), flush=True)
-    return 0
+    return print_memory(memory)
 
 
 def measure_memory(
@@ -978,24 +920,20 @@ def measure_memory(
 ) -> tuple[list[Memory], list[str]]:
     """:func:`memory_child` for every workload and side, one subprocess each; the
     measurements and the errors of failed children."""
-    env = child_env(server)
-    found: list[Memory] = []
-    errors: list[str] = []
-    for name in names:
-        for side in sides:
-            command = [
+    children = [
+        (
+            name,
+            side,
+            [
                 *(sys.executable, "-m", "async_prefetch.devtools.bench.peers"),
                 *("--memory-child", f"{name}:{side}", "--memory-db", f"{proxy[0]}:{proxy[1]}"),
                 *("--rtts", str(rtt_ms), *(["--quick"] if quick else [])),
-            ]
-            payload, error = run_memory_child(command, env, timeout=600)
-            if payload is None:
-                errors.append(f"{name}:{side} failed {error}")
-                progress(errors[-1])
-                continue
-            found.append(Memory(**payload))
-            progress(f"memory {name} {side}: {found[-1].peak_kib / 1024:.1f} MiB")
-    return found, errors
+            ],
+        )
+        for name in names
+        for side in sides
+    ]
+    return memory_children(server, children, timeout=600)
 
 
 def memory_table(memory: Sequence[Memory], sides: Sequence[str]) -> str:
@@ -1119,18 +1057,6 @@ def markdown_report(
 
 
 # -- main -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def proxied(rtts: Sequence[float]) -> Iterator[tuple[ServerInfo, dict[str, tuple[str, int]]]]:
-    """The server and one latency proxy per RTT (alias -> host, port) while entered."""
-    server = get_server()
-    with contextlib.ExitStack() as stack:
-        proxies: dict[str, tuple[str, int]] = {}
-        for rtt in rtts:
-            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
-            proxies[alias_for(rtt)] = (proxy.host, proxy.port)
-        yield server, proxies
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
@@ -71,7 +71,8 @@ DEFAULT_RTTS: Final = (0.0, 1.0, 5.0)
 DEFAULT_RUNS: Final = 7
 QUICK_RUNS: Final = 2
 POOL_SIZE: Final = 10
-"""Engine pool ``MIN_SIZE`` = ``MAX_SIZE``: no pool growth inside a timed run."""
+"""Engine pool ``MIN_SIZE`` = ``MAX_SIZE`` (no pool growth inside a timed run); the peers
+bench gives every peer's pool as many connections."""
 SIDES: Final = ("django_sync", "django_async", "engine", "floor")
 
 logger = logging.getLogger(__name__)
@@ -93,15 +94,21 @@ def alias_for(rtt_ms: float) -> str:
 # -- Django set-up ----------------------------------------------------------------------------
 
 
-def configure_django(server: ServerInfo, proxies: dict[str, tuple[str, int]]) -> None:
+def configure_django(
+    server: ServerInfo,
+    proxies: dict[str, tuple[str, int]],
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """``settings.configure`` for the bench: ``default`` goes straight to ``server``, each
-    alias in ``proxies`` through its proxy (TCP host, port). Raises ``RuntimeError`` if
+    alias in ``proxies`` through its proxy (TCP host, port), plus the ``extra`` database
+    entries; the engine's pool is :data:`POOL_SIZE` (min = max). Raises ``RuntimeError`` if
     settings are configured already (the bench needs its own)."""
     if settings.configured:
         raise RuntimeError("the bench configures Django itself; run it in a fresh process")
     databases = {"default": server.django_database()}
     for alias, (host, port) in proxies.items():
         databases[alias] = server.django_database(HOST=host, PORT=str(port))
+    databases.update(extra or {})
     settings.configure(
         DATABASES=databases,
         INSTALLED_APPS=["django.contrib.contenttypes", DEMO_APP, BENCH_APP],
@@ -111,6 +118,34 @@ def configure_django(server: ServerInfo, proxies: dict[str, tuple[str, int]]) ->
         ASYNC_PREFETCH={"POOL": {"MIN_SIZE": POOL_SIZE, "MAX_SIZE": POOL_SIZE}},
     )
     django.setup()
+
+
+@contextlib.contextmanager
+def proxied(rtts: Sequence[float]) -> Iterator[tuple[ServerInfo, dict[str, tuple[str, int]]]]:
+    """The server and one latency proxy per RTT (alias -> host, port) while entered."""
+    server = get_server()
+    with contextlib.ExitStack() as stack:
+        proxies: dict[str, tuple[str, int]] = {}
+        for rtt in rtts:
+            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
+            proxies[alias_for(rtt)] = (proxy.host, proxy.port)
+        yield server, proxies
+
+
+@contextlib.contextmanager
+def bench_database(
+    rtts: Sequence[float],
+) -> Iterator[tuple[ServerInfo, dict[str, tuple[str, int]]]]:
+    """:func:`proxied`, with Django configured (:func:`configure_django`) on the server
+    through the proxies, its tables created; on exit the engine's pools are closed while
+    the proxies are still up."""
+    with proxied(rtts) as (server, proxies):
+        configure_django(server, proxies)
+        try:
+            call_command("migrate", run_syncdb=True, verbosity=0)
+            yield server, proxies
+        finally:
+            shutdown_engine()
 
 
 # -- the floor ------------------------------------------------------------------------------
@@ -304,17 +339,22 @@ class Result:
 
 class CollectorClock:
     """Wall time the cyclic garbage collector runs while this is entered, on any thread
-    (``gc.callbacks``; a collection holds the GIL, so nothing else runs meanwhile)."""
+    (``gc.callbacks``; a collection holds the GIL, so nothing else runs meanwhile): in all
+    (``seconds``) and per generation (``collections``: generation -> runs, seconds)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.collections: dict[int, tuple[int, float]] = {}
         self._started: float | None = None
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            self.seconds += time.perf_counter() - self._started
+            took = time.perf_counter() - self._started
+            self.seconds += took
+            count, total = self.collections.get(info["generation"], (0, 0.0))
+            self.collections[info["generation"]] = (count + 1, total + took)
             self._started = None
 
     def __enter__(self) -> CollectorClock:
@@ -545,7 +585,9 @@ def _memory_child(spec: str, db: str, rtt_ms: float, quick: bool, books: int | N
         if side not in stream.SIDES:
             raise ValueError(f"unknown side {side!r}")
         stream_workload = stream.build_stream(quick, books)
-        return _memory_runs(name, side, rtt_ms, lambda: _stream_once(stream_workload, side, alias))
+        return print_memory(
+            memory_runs(name, side, rtt_ms, lambda: _stream_once(stream_workload, side, alias))
+        )
     workload = build_workloads(quick)[name]
     if side not in ("django_sync", "engine"):
         raise ValueError(f"unknown side {side!r}")
@@ -559,7 +601,7 @@ def _memory_child(spec: str, db: str, rtt_ms: float, quick: bool, books: int | N
         assert isinstance(objects, list)
         return len(objects)
 
-    return _memory_runs(name, side, rtt_ms, run_once)
+    return print_memory(memory_runs(name, side, rtt_ms, run_once))
 
 
 def _stream_once(workload: StreamWorkload, side: str, alias: str) -> int:
@@ -569,9 +611,9 @@ def _stream_once(workload: StreamWorkload, side: str, alias: str) -> int:
     return digest.books
 
 
-def _memory_runs(name: str, side: str, rtt_ms: float, run_once: Callable[[], int]) -> int:
+def memory_runs(name: str, side: str, rtt_ms: float, run_once: Callable[[], int]) -> Memory:
     """Peaks of two calls of ``run_once`` (which returns the roots it fetched and keeps
-    nothing), printed as ``MEMORY {json}``; returns the exit code."""
+    nothing): the body of a memory child, which prints it with :func:`print_memory`."""
     gc.collect()
     reset = _reset_peak_rss()
     baseline = _proc_status_kib("VmRSS")
@@ -593,9 +635,33 @@ def _memory_runs(name: str, side: str, rtt_ms: float, run_once: Callable[[], int
     gc.collect()
     _reset_peak_rss()
     _, second_peak = measured()
-    memory = Memory(name, side, rtt_ms, peak, baseline, second_peak, roots, method)
+    return Memory(name, side, rtt_ms, peak, baseline, second_peak, roots, method)
+
+
+def print_memory(memory: Memory) -> int:
+    """A memory child's output (``MEMORY {json}``, read by :func:`memory_children`); its
+    exit code."""
     print("MEMORY " + json.dumps(asdict(memory)), flush=True)
     return 0
+
+
+def memory_children(
+    server: ServerInfo, children: Sequence[tuple[str, str, list[str]]], *, timeout: float
+) -> tuple[list[Memory], list[str]]:
+    """Run each memory child (workload, side, command), one process each, on ``server``;
+    the measurements and the errors of failed children."""
+    env = child_env(server)
+    found: list[Memory] = []
+    errors: list[str] = []
+    for name, side, command in children:
+        payload, error = run_memory_child(command, env, timeout=timeout)
+        if payload is None:
+            errors.append(f"memory run {name}:{side} failed {error}")
+            progress(errors[-1])
+            continue
+        found.append(Memory(**payload))
+        progress(f"memory {name} {side}: {found[-1].peak_kib / 1024:.1f} MiB")
+    return found, errors
 
 
 def measure_memory(
@@ -611,26 +677,21 @@ def measure_memory(
     the measurements and the errors of failed runs."""
     from async_prefetch.devtools.bench import stream
 
-    env = child_env(server)
-    results: list[Memory] = []
-    errors: list[str] = []
-    for name in names:
-        sides = stream.SIDES if name == stream.NAME else ("django_sync", "engine")
-        for side in sides:
-            command = [
+    children = [
+        (
+            name,
+            side,
+            [
                 *(sys.executable, "-m", "async_prefetch", "bench", "--memory-child"),
                 *(f"{name}:{side}", "--memory-db", f"{proxy[0]}:{proxy[1]}", "--rtts", str(rtt_ms)),
                 *(["--quick"] if quick else []),
                 *(["--books", str(books)] if books is not None else []),
-            ]
-            payload, error = run_memory_child(command, env, timeout=900)
-            if payload is None:
-                errors.append(f"memory run {name}:{side} failed {error}")
-                progress(errors[-1])
-                continue
-            results.append(Memory(**payload))
-            progress(f"memory {name} {side}: {results[-1].peak_kib / 1024:.0f} MiB")
-    return results, errors
+            ],
+        )
+        for name in names
+        for side in (stream.SIDES if name == stream.NAME else ("django_sync", "engine"))
+    ]
+    return memory_children(server, children, timeout=900)
 
 
 def child_env(server: ServerInfo) -> dict[str, str]:
@@ -1083,21 +1144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rtts = list(dict.fromkeys(args.rtts or DEFAULT_RTTS))
     if args.profile:
         rtts = [(args.rtts or [0.0])[0]]
-    server = get_server()
-    progress(f"PostgreSQL from {server.source}")
-    with contextlib.ExitStack() as stack:
-        proxies: dict[str, tuple[str, int]] = {}
-        for rtt in rtts:
-            proxy = stack.enter_context(LatencyProxyProcess(server.address(), rtt))
-            proxies[alias_for(rtt)] = (proxy.host, proxy.port)
-        configure_django(server, proxies)
-        # Close the engine's pools while the proxies are still up (the stack unwinds first).
-        stack.callback(shutdown_engine)
+    with bench_database(rtts) as (server, proxies):
+        progress(f"PostgreSQL from {server.source}")
         workloads: dict[str, Workload | StreamWorkload] = {
             **build_workloads(args.quick),
             stream.NAME: stream.build_stream(args.quick, args.books),
         }
-        call_command("migrate", run_syncdb=True, verbosity=0)
         for seed in dict.fromkeys(workloads[name].seed for name in names):
             seeded = time.perf_counter()
             if seed():

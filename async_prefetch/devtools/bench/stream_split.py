@@ -15,36 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from async_prefetch.devtools.bench import runner, stream
 
 
 async def _thread_time() -> float:
     return time.thread_time()
-
-
-class _GcClock:
-    """Runs and wall time of the collector per generation (a ``gc.callbacks`` entry)."""
-
-    def __init__(self) -> None:
-        self.collections: dict[int, tuple[int, float]] = {}
-        self._started = 0.0
-
-    def callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        count, total = self.collections.get(info["generation"], (0, 0.0))
-        self.collections[info["generation"]] = (
-            count + 1,
-            total + time.perf_counter() - self._started,
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,19 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--sides", nargs="+", default=["engine", "engine_memo", "floor"])
     args = parser.parse_args(argv)
-    from async_prefetch.devtools.embedded import get_server
-    from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
     from async_prefetch.runtime import bridge
 
-    server = get_server()
     alias = runner.alias_for(args.rtt)
-    with contextlib.ExitStack() as stack:
-        proxy = stack.enter_context(LatencyProxyProcess(server.address(), args.rtt))
-        runner.configure_django(server, {alias: (proxy.host, proxy.port)})
-        stack.callback(runner.shutdown_engine)
-        from django.core.management import call_command
-
-        call_command("migrate", run_syncdb=True, verbosity=0)
+    with runner.bench_database([args.rtt]):
         workload = stream.StreamWorkload(books=args.books, chunk_size=args.chunk_size)
         workload.seed()
         with asyncio.Runner() as loop:
@@ -79,18 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 assert reference.difference(digest, args.chunk_size) is None, side
             for run in range(args.runs):
                 for side in args.sides:
-                    clock = _GcClock()
                     gc.collect()
-                    gc.callbacks.append(clock.callback)
                     cpu, engine, caller = (
                         time.process_time(),
                         bridge.run_sync(_thread_time),
                         time.thread_time(),
                     )
-                    try:
+                    with runner.CollectorClock() as clock:
                         seconds, digest = workload.timed(side, alias, loop)
-                    finally:
-                        gc.callbacks.remove(clock.callback)
                     cpu, engine, caller = (
                         time.process_time() - cpu,
                         bridge.run_sync(_thread_time) - engine,
