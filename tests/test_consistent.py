@@ -171,14 +171,7 @@ def test_the_call_returns_its_connection_and_ends_its_transaction(
     settings.ASYNC_PREFETCH = {"PIPELINE": pipeline}
     seed_bookstore()
     async_prefetch.prefetch(Book.objects.all(), "pages", "authors", consistent=True)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
-            "AND state <> 'idle'",
-            ["%async_prefetch%"],
-        )
-        (busy,) = cursor.fetchone()
-    assert busy == 0
+    assert busy_engine_connections() == 0
     # A failing call ends it too.
     with pytest.raises(django_db_utils.ProgrammingError):
         async_prefetch.prefetch(
@@ -186,14 +179,7 @@ def test_the_call_returns_its_connection_and_ends_its_transaction(
             async_prefetch_prefetch_failing(),
             consistent=True,
         )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
-            "AND state <> 'idle'",
-            ["%async_prefetch%"],
-        )
-        (busy,) = cursor.fetchone()
-    assert busy == 0
+    assert busy_engine_connections() == 0
 
 
 def async_prefetch_prefetch_failing() -> Any:

@@ -39,44 +39,15 @@ from .base import BATCH_ROWS, RowConsumer, Rows, as_django_error
 from .pool import PoolExecutor, stoppable
 from .pools import acquire, get_pool
 from .querylog import wants_log
+from .transactions import begin_exporting, exported_snapshot, release
 
 #: Scheduling rounds without a new query after which a batch is sent. The linking task
 #: starts a sibling's fetch task a round after the previous one, and a fetch task
 #: queues its query in its first step: a stage's queries arrive a round apart.
 QUIET_ROUNDS = 3
 
+
 #: What opens a ``consistent=True`` call's transaction on its pooled connection.
-BEGIN_CONSISTENT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-
-
-async def begin_exporting(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
-    """Queue, in ``conn``'s pipeline, a ``BEGIN_CONSISTENT`` transaction and the export of
-    its snapshot; the cursor :func:`exported_snapshot` reads the snapshot's id from."""
-    await conn.execute(BEGIN_CONSISTENT)
-    return await conn.execute("SELECT pg_export_snapshot()")
-
-
-async def exported_snapshot(cursor: psycopg.AsyncCursor[Any]) -> str:
-    """The snapshot id :func:`begin_exporting`'s cursor holds, once its pipeline ran."""
-    row = await cursor.fetchone()
-    assert row is not None
-    snapshot: str = row[0]
-    return snapshot
-
-
-async def release(
-    conn: psycopg.AsyncConnection[Any] | None, pool: AsyncConnectionPool[Any] | None
-) -> None:
-    """End ``conn``'s transaction and return it to ``pool`` (nothing when either is
-    ``None``), shielded from cancellation: an interrupted ``putconn()`` would leave the
-    connection counted as checked out."""
-    if conn is None or pool is None:
-        return
-    with anyio.CancelScope(shield=True):
-        await end_transaction(conn)
-        await pool.putconn(conn)
-
-
 @dataclass(eq=False)
 class _Request:
     query: CompiledQuery
@@ -409,17 +380,3 @@ class PooledPipelineExecutor(PoolExecutor):
         conn, pool = self._conn, self._held_from
         self._conn = self._held_from = None
         await release(conn, pool)
-
-
-async def end_transaction(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Roll back ``conn``'s transaction (closing its cursors), if one is open; a
-    connection that cannot is closed (the pool discards it)."""
-    if conn.closed or conn.info.transaction_status not in (
-        psycopg.pq.TransactionStatus.INTRANS,
-        psycopg.pq.TransactionStatus.INERROR,
-    ):
-        return
-    try:
-        await conn.execute("ROLLBACK")
-    except psycopg.Error:
-        await conn.close()

@@ -26,15 +26,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
 from .base import RowConsumer, as_django_error
-from .pipeline import (
+from .pool import PoolExecutor, stoppable
+from .pools import acquire, get_pool
+from .transactions import (
     BEGIN_CONSISTENT,
     begin_exporting,
     end_transaction,
     exported_snapshot,
     release,
 )
-from .pool import PoolExecutor, stoppable
-from .pools import acquire, get_pool
 
 #: Set in the task running the call's first query: its connection exports the snapshot.
 _exporting: contextvars.ContextVar[bool] = contextvars.ContextVar("_exporting", default=False)

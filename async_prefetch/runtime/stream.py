@@ -27,10 +27,15 @@ from django.db.models import Model, QuerySet
 from psycopg import AsyncClientCursor, AsyncConnection, AsyncServerCursor
 from psycopg.client_cursor import ClientCursorMixin
 
-from ..execution.pipeline import begin_exporting, end_transaction, exported_snapshot, release
 from ..execution.pool import stoppable
 from ..execution.pools import acquire, get_pool
 from ..execution.querylog import record_query, wants_log
+from ..execution.transactions import (
+    begin_exporting,
+    end_transaction,
+    exported_snapshot,
+    release,
+)
 from ..hydration.rows import row_builder
 from ..sql.compiler import CompiledQuery, compile_queryset
 from .scheduler import run_in_session
