@@ -115,3 +115,17 @@ async def test_async_view_learns_from_the_refused_access(bookstore: Any) -> None
         return len(ctx.captured_queries)
 
     assert await sync_to_async(lazy)() == 0
+
+
+def test_a_call_site_where_the_working_directory_is_gone(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process whose working directory was deleted still gets call sites (absolute)."""
+    from async_prefetch.access import sites
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code = compile("sites.call_site(0)", "/elsewhere/views_gone_cwd.py", "eval")
+    assert eval(code, {"sites": sites, "__name__": "app"}) == "/elsewhere/views_gone_cwd.py:1"

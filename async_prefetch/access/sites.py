@@ -67,6 +67,6 @@ def _shown_path(filename: str) -> str:
     most of a site's cost, and a site's file comes back on every call)."""
     try:
         relative = os.path.relpath(filename)
-    except ValueError:  # another drive (Windows)
+    except (ValueError, OSError):  # another drive (Windows); no working directory any more
         return filename
     return relative if not relative.startswith("..") else filename
