@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, TypeAlias, TypeVar
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.db import connections
 from django.db.models import Model, Prefetch, QuerySet
 from django.db.models.query import ModelIterable
@@ -85,10 +85,9 @@ async def run_async(caller: CallerContext, func: Any, *args: Any) -> Any:
 def run_sync(caller: CallerContext, func: Any, *args: Any) -> Any:
     """:func:`run_async` for synchronous callers.
 
-    Inside ``atomic`` the run goes through ``async_to_sync``: its event loop runs on a
-    helper thread while this thread, which owns the transaction, runs the run's queries
-    (``sync_to_async(thread_sensitive=True)`` comes back here).
+    Inside ``atomic`` the run goes on the engine's loop too, while this thread, which
+    owns the transaction, runs the run's queries (``bridge.run_serving``).
     """
     if caller.in_atomic():
-        return async_to_sync(func)(*args, caller.on_caller_connections())
+        return bridge.run_serving(func, *args, caller.on_caller_connections())
     return bridge.run_sync(func, *args, caller)

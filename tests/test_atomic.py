@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -10,6 +12,9 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 import async_prefetch
+from async_prefetch import api
+from async_prefetch.execution.caller_thread import on_caller_thread
+from async_prefetch.runtime import bridge
 from tests.testapp.models import Author, Book, Page, Publisher
 
 
@@ -74,7 +79,7 @@ def no_hand_back(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("handed back to Django's prefetch_related_objects")
 
-    monkeypatch.setattr(async_prefetch.api, "django_prefetch_related_objects", refuse)
+    monkeypatch.setattr(api, "django_prefetch_related_objects", refuse)
 
 
 @pytest.mark.django_db
@@ -99,3 +104,56 @@ def make_uncommitted_second() -> Book:
     book = Book.objects.create(title="Second", isbn="draft-2", publisher=publisher)
     Page.objects.create(book=book, number=1)
     return book
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_hand_back")
+def test_sync_api_inside_atomic_queries_on_the_callers_thread_without_a_loop_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run goes on the engine's loop, its queries on this thread (which owns the
+    transaction), and no event loop is made for the call (as ``async_to_sync`` would)."""
+    book = make_uncommitted()
+    threads: list[int] = []
+
+    def on_thread(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        threads.append(threading.get_ident())
+        return execute(sql, params, many, context)
+
+    def no_new_loop() -> None:
+        raise AssertionError("an event loop was made for the call")
+
+    instances = list(Book.objects.filter(pk=book.pk))
+    monkeypatch.setattr(asyncio.events, "new_event_loop", no_new_loop)
+    with connection.execute_wrapper(on_thread):
+        async_prefetch.prefetch_related_objects(instances, *LOOKUPS)
+        books = async_prefetch.prefetch(Book.objects.filter(pk=book.pk), *LOOKUPS)
+    check(instances)
+    check(books)
+    assert threads == [threading.get_ident()] * (len(LOOKUPS) * 2 + 1)
+
+
+def test_a_base_exception_on_the_callers_thread_cancels_the_run_and_is_raised_there() -> None:
+    """``KeyboardInterrupt`` in a function the run sent: the run is interrupted, the task
+    awaiting the function gets ``CancelledError`` (never the ``KeyboardInterrupt``, which
+    would stop the engine's loop), and the caller's thread raises it."""
+    seen: list[str] = []
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    async def run() -> None:
+        try:
+            await on_caller_thread(interrupted)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        bridge.run_serving(run)
+    assert seen == ["cancelled"]
+    assert bridge.run_serving(_one) == 1  # the engine's loop still runs
+
+
+async def _one() -> int:
+    return await on_caller_thread(lambda: 1)

@@ -33,10 +33,16 @@ def test_peers_quick_every_side_reads_djangos_rows(tmp_path: Path) -> None:
     for result in results:
         assert result["error"] is None
         assert result["roots"] > 0
-        assert set(result["median_ms"]) == set(peers.SIDES)
+        floor = {"floor"} if result["workload"] in peers.FLOOR_WORKLOADS else set()
+        assert set(result["median_ms"]) == set(peers.SIDES) - {"floor"} | floor
         assert all(ms > 0 for ms in result["median_ms"].values())
+        # Django's objects, the engine's and the floor's (checked equal to Django's): at
+        # least a root, its children and its cached querysets each.
+        assert set(result["objects_per_root"]) == set(result["median_ms"])
+        assert all(count > 1 for count in result["objects_per_root"].values())
     markdown = (tmp_path / "peers.md").read_text()
     assert "best peer / engine" in markdown
+    assert "engine / floor" in markdown
     assert "FAILURES" not in markdown
 
 

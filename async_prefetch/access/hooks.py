@@ -186,7 +186,7 @@ def _many_get(original: Any) -> Any:
         if relation is None:
             return manager
         name, cache_name = relation
-        cache = instance.__dict__.get("_prefetched_objects_cache")
+        cache = getattr(instance, "_prefetched_objects_cache", None)
         if cache is not None and cache_name in cache and not events.has_cache_listeners():
             return manager  # prefetched: nothing to watch (the common case, kept cheap)
         manager.get_queryset = functools.partial(_watched_queryset, manager, name, mode)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from ..sql.compiler import CompiledQuery
 from .base import RowConsumer, Rows
+from .caller_thread import on_caller_thread
 
 
 class CallerConnectionExecutor:
     """Runs queries through the caller's own Django connection, on the thread that owns it.
 
     Used inside ``atomic``, where only that connection sees the transaction's rows.
-    ``sync_to_async(thread_sensitive=True)`` reaches the thread holding the transaction
-    (the outer thread under ``async_to_sync``), and Django's cursor wrapper does the
+    Each query runs on the thread holding the transaction (``on_caller_thread``), and
+    Django's cursor wrapper does the
     logging, ``execute_wrappers`` and error translation. Queries run one at a time.
     """
 
@@ -30,6 +30,6 @@ class CallerConnectionExecutor:
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         assert query.sql is not None
-        rows = await sync_to_async(self._run, thread_sensitive=True)(query)
+        rows = await on_caller_thread(self._run, query)
         if rows:
             await consume(rows)

@@ -29,13 +29,13 @@ from typing import Any
 
 import anyio
 import psycopg
-from asgiref.sync import sync_to_async
 from django.db import utils as django_db_utils
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
 from .base import BATCH_ROWS, RowConsumer, Rows, as_django_error
+from .caller_thread import on_caller_thread
 from .pool import PoolExecutor, stoppable
 from .pools import acquire, get_pool
 from .querylog import wants_log
@@ -186,8 +186,8 @@ def pipeline_supported() -> bool:
 class CallerPipelineExecutor:
     """Sends each batch on the caller's own Django connection, on the thread that owns it.
 
-    Used inside ``atomic``: ``sync_to_async(thread_sensitive=True)`` reaches the thread
-    holding the transaction (the outer thread under ``async_to_sync``); each query goes
+    Used inside ``atomic``: each batch runs on the thread holding the transaction
+    (``on_caller_thread``); each query goes
     through a Django cursor, so the query log, ``execute_wrappers`` and Django's error
     translation apply (the log's time of a pipelined query is the time to queue it).
     A failing query marks the connection as Django's cursor does
@@ -199,7 +199,7 @@ class CallerPipelineExecutor:
         self._batches = Batches(self._send)
 
     async def _send(self, queries: list[CompiledQuery]) -> list[Rows]:
-        return await sync_to_async(_run_on_caller, thread_sensitive=True)(self._connection, queries)
+        return await on_caller_thread(_run_on_caller, self._connection, queries)
 
     async def fetch(self, query: CompiledQuery, consume: RowConsumer) -> None:
         await self._batches.fetch(query, consume)

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from django.core.exceptions import SynchronousOnlyOperation
 
+from ..execution.caller_thread import CallerThread, reset_serving
+
 T = TypeVar("T")
 
 _lock = threading.Lock()
@@ -43,6 +45,12 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     an event loop (use the async API there), like Django's own ORM; the engine's own
     thread is one of those.
     """
+    _refuse_in_event_loop()
+    box: list[T] = _get_portal().call(_boxed, func, args)
+    return box.pop()
+
+
+def _refuse_in_event_loop() -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -51,8 +59,33 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
         raise SynchronousOnlyOperation(
             "You cannot call this from an async context - use a thread or sync_to_async."
         )
-    box: list[T] = _get_portal().call(_boxed, func, args)
+
+
+def run_serving(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """:func:`run_sync` for a run whose queries must run on this thread (it owns the
+    caller's connection inside ``atomic``): while ``await func(*args)`` runs on the
+    engine's loop, this thread runs what the run sends it through
+    :func:`~async_prefetch.execution.caller_thread.on_caller_thread`.
+
+    Raises ``SynchronousOnlyOperation`` as :func:`run_sync` does.
+    """
+    _refuse_in_event_loop()
+    caller = CallerThread()
+    future = _get_portal().start_task_soon(_bound, caller, func, args)
+    caller.serve(interrupt=future.cancel)  # until the run has unwound
+    box: list[T] = future.result()
     return box.pop()
+
+
+async def _bound(
+    caller: CallerThread, func: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+) -> list[T]:
+    token = caller.bind()
+    try:
+        return await _boxed(func, args)
+    finally:
+        reset_serving(token)
+        caller.stop()
 
 
 async def _boxed(func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> list[T]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
-from asgiref.sync import sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -27,6 +26,7 @@ from psycopg import sql as pg_sql
 from ..access.modes import PrefetchMode
 from ..config import EngineConfig, load_config
 from ..execution import Executor, Rows, executor_for
+from ..execution.caller_thread import on_caller_thread
 from ..execution.querylog import instrumented_like
 from ..hydration.rows import row_builder
 from ..sql.compiler import CompiledQuery
@@ -229,7 +229,7 @@ class Session:
         imports the call's snapshot there.
         """
         if self.caller.caller_connections:
-            return await sync_to_async(func, thread_sensitive=True)(*args)
+            return await on_caller_thread(func, *args)
         callers = self.caller.connections
         result, queries = await anyio.to_thread.run_sync(
             _logging_queries,

@@ -11,6 +11,11 @@ sides are left out when its package is missing):
 
 * ``django_sync``: ``list(root.prefetch_related(*lookups))``;
 * ``engine``: ``await aprefetch(root, *lookups)`` (its pool: :data:`POOL_SIZE` connections);
+* ``floor`` (the fan-outs only, :data:`FLOOR_WORKLOADS`): the cheapest path to the state
+  Django's ``prefetch_related`` leaves, on the engine's pool and thread
+  (:mod:`async_prefetch.devtools.bench.peer_floor`): the same queries inside the timed
+  region, each instance, reverse link and cached queryset built directly; its objects are
+  checked against Django's on the warm-up run (:func:`check_floor`);
 * ``tortoise_asyncpg``: Tortoise ORM's ``prefetch_related`` (which runs sibling prefetches
   with ``asyncio.gather``) on asyncpg, its default PostgreSQL driver, pool of
   :data:`POOL_SIZE`. (Tortoise builds a model's SQL for the placeholders of its app's
@@ -29,8 +34,10 @@ once (as a serializer would) into a :data:`Shape` of primary keys; every run's s
 Django's warm-up run's (the many-to-many compared as a set, having no order), else the run
 fails with :class:`ResultMismatchError`. Sides alternate run by run, the starting side
 rotating; a garbage collection precedes each run and the collector's time inside it is
-recorded. One RTT's pools are open at a time (opened before its workloads, closed after, the
-engine's with them): the server's ``max_connections`` is 100.
+recorded. After the timed runs at the first RTT, each side runs once more to count the objects
+tracked by the collector that its result keeps alive, per root and by type
+(:func:`objects_left`). One RTT's pools are open at a time (opened before its workloads,
+closed after, the engine's with them): the server's ``max_connections`` is 100.
 
 ``--memory also|only`` adds (or only takes) each side's peak resident memory, one fresh
 subprocess per workload and side (:func:`measure_memory`). ``--profile`` instead profiles the
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import datetime
 import functools
@@ -53,6 +61,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import statistics
 import subprocess
 import sys
@@ -83,6 +92,7 @@ from async_prefetch.devtools.bench.workloads import build_workloads
 from async_prefetch.devtools.embedded import ServerInfo, get_server
 
 if TYPE_CHECKING:
+    from async_prefetch.devtools.bench.peer_floor import FanoutFloor
     from async_prefetch.devtools.bench.workloads import Workload
 
 BENCH_APP: Final = "async_prefetch.devtools.bench"
@@ -92,13 +102,15 @@ DEFAULT_RUNS: Final = 11
 SIDES: Final = (
     "django_sync",
     "engine",
+    "floor",
     "tortoise_asyncpg",
     "sqla_selectin_psycopg",
     "sqla_selectin_asyncpg",
     "sqla_gather_psycopg",
     "sqla_gather_asyncpg",
 )
-PEER_SIDES: Final = SIDES[2:]
+PEER_SIDES: Final = SIDES[3:]
+FLOOR_WORKLOADS: Final = ("fanout-100", "fanout-1000")
 CHILD_NAMES: Final = tuple(f"c{k}" for k in range(10))
 
 Shape: TypeAlias = list[tuple[Any, ...]]
@@ -124,7 +136,7 @@ def available_sides() -> list[str]:
     psycopg is always there, asyncpg may not be)."""
     have = {name: importlib.util.find_spec(name) is not None for name in ("tortoise", "asyncpg")}
     have["sqlalchemy"] = all(importlib.util.find_spec(n) for n in ("sqlalchemy", "greenlet"))
-    sides = ["django_sync", "engine"]
+    sides = ["django_sync", "engine", "floor"]
     for side in PEER_SIDES:
         package = "tortoise" if side.startswith("tortoise") else "sqlalchemy"
         if not have[package] or (side.endswith("asyncpg") and not have["asyncpg"]):
@@ -241,6 +253,46 @@ async def engine(workload: Workload, alias: str) -> Timed:
     seconds = time.perf_counter() - started
     _retain(objects)
     return seconds, shape
+
+
+async def floor_side(floor: FanoutFloor) -> Timed:
+    """The floor's fetch and build on the engine's thread (``bridge.run_async``), and the
+    read."""
+    from async_prefetch.runtime import bridge
+
+    started = time.perf_counter()
+    shape = read_fanout_django(objects := await bridge.run_async(floor.run))
+    seconds = time.perf_counter() - started
+    _retain(objects)
+    return seconds, shape
+
+
+def prepare_floor(workload: Workload, alias: str) -> FanoutFloor:
+    """The floor of a fan-out workload (:data:`FLOOR_WORKLOADS`) on ``alias``."""
+    from async_prefetch.devtools.bench.peer_floor import fanout_floor
+
+    return fanout_floor(workload.root(alias), [str(name) for name in workload.lookups()], alias)
+
+
+def check_floor(workload: Workload, alias: str, floor: FanoutFloor, runner: asyncio.Runner) -> None:
+    """Raise :class:`ResultMismatchError` unless one floor run leaves what Django's
+    ``prefetch_related`` leaves (see
+    :func:`~async_prefetch.devtools.bench.peer_floor.check_same_state`)."""
+    from async_prefetch.devtools.bench.peer_floor import check_same_state
+    from async_prefetch.runtime import bridge
+
+    ours = runner.run(bridge.run_async(floor.run))
+    django = list(workload.queryset(alias))
+    problem = check_same_state(ours, django, [str(name) for name in workload.lookups()])
+    if problem:
+        raise ResultMismatchError(
+            f"{workload.name}: the floor's objects differ from Django's: {problem}"
+        )
+
+
+def workload_sides(workload: Workload, sides: Sequence[str]) -> list[str]:
+    """``sides`` that ``workload`` has (no ``floor`` outside :data:`FLOOR_WORKLOADS`)."""
+    return [s for s in sides if s != "floor" or workload.name in FLOOR_WORKLOADS]
 
 
 @dataclass
@@ -482,17 +534,20 @@ def measures(
     sides: Sequence[str],
     runner: asyncio.Runner,
 ) -> dict[str, Callable[[], Timed]]:
-    """One timed call per side of ``sides``, on ``alias``'s proxy."""
+    """One timed call per side of ``sides`` that ``workload`` has (:func:`workload_sides`),
+    on ``alias``'s proxy."""
 
     def run_async(make: Callable[[], Coroutine[Any, Any, Timed]]) -> Callable[[], Timed]:
         return lambda: runner.run(make())
 
     table: dict[str, Callable[[], Timed]] = {}
-    for side in sides:
+    for side in workload_sides(workload, sides):
         if side == "django_sync":
             table[side] = functools.partial(django_sync, workload, alias)
         elif side == "engine":
             table[side] = run_async(functools.partial(engine, workload, alias))
+        elif side == "floor":
+            table[side] = run_async(functools.partial(floor_side, prepare_floor(workload, alias)))
         else:
             driver = side.rsplit("_", 1)[1]
             if side.startswith("tortoise"):
@@ -519,6 +574,11 @@ class Result:
     median_ms: dict[str, float] = field(default_factory=dict)
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
     gc_median_ms: dict[str, float] = field(default_factory=dict)
+    gc_samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    objects_per_root: dict[str, float] = field(default_factory=dict)
+    """Objects tracked by the collector that one run's result keeps alive, per root."""
+    object_types: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The same by type (module-qualified name), per root: types with at least 0.1."""
     error: str | None = None
 
     def best_peer(self) -> str | None:
@@ -541,15 +601,21 @@ def bench_workload(
     sides: Sequence[str],
     runner: Any,
     progress: Callable[[str], None],
+    objects: bool = False,
 ) -> Result:
-    """Warm up and check every side, then ``runs`` alternating timed runs of each. Raises
-    :class:`ResultMismatchError` when a side's shape differs from Django's."""
+    """Warm up and check every side (the floor's objects against Django's too), then
+    ``runs`` alternating timed runs of each; with ``objects``, then the objects each side's
+    result keeps alive (:func:`objects_left`). Raises :class:`ResultMismatchError` when a
+    side's shape differs from Django's."""
     alias = alias_for(rtt_ms)
     result = Result(workload.name, rtt_ms, runs)
     _, reference_raw = django_sync(workload, alias)
     reference = normalized(workload.name, reference_raw)
     result.roots = n = len(reference)
     table = measures(workload, alias, n, peers, sides, runner)
+    sides = list(table)
+    if "floor" in table:
+        check_floor(workload, alias, prepare_floor(workload, alias), runner)
 
     def check(side: str, run: str, shape: Shape) -> None:
         got = normalized(workload.name, shape)
@@ -577,6 +643,14 @@ def bench_workload(
     result.samples_ms = samples
     result.median_ms = {s: statistics.median(v) for s, v in samples.items()}
     result.gc_median_ms = {s: statistics.median(v) for s, v in collector.items()}
+    result.gc_samples_ms = collector
+    if objects:
+        for side in sides:
+            left = objects_left(table[side])
+            result.objects_per_root[side] = sum(left.values()) / n
+            result.object_types[side] = {
+                name: count / n for name, count in left.most_common() if count >= n / 10
+            }
     return result
 
 
@@ -589,10 +663,12 @@ def bench_rtt(
     proxies: dict[str, tuple[str, int]],
     sides: Sequence[str],
     runner: asyncio.Runner,
+    objects: bool = False,
 ) -> list[Result]:
-    """Every workload of ``names`` at ``rtt_ms``; the peers' pools for that RTT are opened
-    first and closed after, with the engine's (so at most one RTT's pools are open: the
-    server's ``max_connections`` is 100). A failed workload is reported in its result."""
+    """Every workload of ``names`` at ``rtt_ms`` (with ``objects``, the objects each side
+    keeps: see :func:`bench_workload`); the peers' pools for that RTT are opened first and
+    closed after, with the engine's (so at most one RTT's pools are open: the server's
+    ``max_connections`` is 100). A failed workload is reported in its result."""
     from async_prefetch import aclose
 
     alias = alias_for(rtt_ms)
@@ -602,7 +678,7 @@ def bench_rtt(
         for name in names:
             try:
                 result = bench_workload(
-                    workloads[name], rtt_ms, runs, peers, sides, runner, progress
+                    workloads[name], rtt_ms, runs, peers, sides, runner, progress, objects
                 )
             except Exception:  # reported, the others still run
                 error = traceback.format_exc()
@@ -683,31 +759,47 @@ def count_objects(
     runner: asyncio.Runner,
 ) -> dict[str, int]:
     """Objects tracked by the cyclic garbage collector that one run of each side leaves
-    alive with its roots (after a warm-up run; the collector off meanwhile)."""
-    global RETAIN
+    alive with its roots (after a warm-up run; see :func:`objects_left`)."""
     alias = alias_for(rtt_ms)
     n = len(workload.root(alias).values_list("pk", flat=True))
     peers = runner.run(open_peers(server, {alias: proxies[alias]}, sides))[alias]
     counts: dict[str, int] = {}
     try:
         table = measures(workload, alias, n, peers, sides, runner)
-        for side in sides:
-            table[side]()
-            RETAIN = []
-            gc.collect()
-            before = len(gc.get_objects())
-            gc.disable()
-            try:
-                table[side]()
-                gc.enable()
-                gc.collect()  # the run's garbage, not what it keeps
-                counts[side] = len(gc.get_objects()) - before
-            finally:
-                gc.enable()
-                RETAIN = None
+        for side, call in table.items():
+            call()
+            counts[side] = sum(objects_left(call).values())
     finally:
         runner.run(close_peers({alias: peers}))
     return counts
+
+
+def objects_left(call: Callable[[], Timed]) -> collections.Counter[str]:
+    """Objects tracked by the cyclic garbage collector that one ``call`` of a side leaves
+    alive with its roots, by type (``module.qualname``); the collector off during the call,
+    then a collection (the run's garbage is not what it keeps). Every object alive before
+    is held meanwhile, so that no new object can reuse a freed one's ``id``."""
+    global RETAIN
+    RETAIN = []
+    gc.collect()
+    before = gc.get_objects()
+    gc.disable()
+    try:
+        call()
+        gc.enable()
+        gc.collect()
+        seen = {id(o) for o in before}
+        seen.add(id(before))
+        new = collections.Counter(
+            f"{type(o).__module__}.{type(o).__qualname__}"
+            for o in gc.get_objects()
+            if id(o) not in seen
+        )
+    finally:
+        gc.enable()
+        RETAIN = None
+        del before
+    return new
 
 
 def split_timings(
@@ -903,7 +995,7 @@ def memory_child(spec: str, db: str, rtt_ms: float, quick: bool) -> int:
 
         memory = memory_runs(name, side, rtt_ms, run_once)
         runner.run(close_peers(peers))
-    if side == "engine":
+    if side in ("engine", "floor"):
         from async_prefetch.runtime import bridge
 
         bridge.shutdown()
@@ -932,6 +1024,7 @@ def measure_memory(
         )
         for name in names
         for side in sides
+        if side != "floor" or name in FLOOR_WORKLOADS
     ]
     return memory_children(server, children, timeout=600)
 
@@ -959,9 +1052,11 @@ def memory_table(memory: Sequence[Memory], sides: Sequence[str]) -> str:
 
 
 def results_table(results: Sequence[Result], sides: Sequence[str]) -> str:
-    """Markdown: medians per side, the best peer, engine vs Django sync and vs the best peer."""
+    """Markdown: medians per side, the best peer, engine vs Django sync and vs the best peer,
+    engine and the best peer vs the floor."""
     head = ["workload", "RTT ms", "runs", *(f"{s} ms" for s in sides)]
     head += ["best peer", "Django sync / engine", "best peer / engine"]
+    head += ["engine / floor", "best peer / floor"]
     lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1))]
     lines[-1] += " |"
     for r in results:
@@ -973,6 +1068,7 @@ def results_table(results: Sequence[Result], sides: Sequence[str]) -> str:
         cells += [fmt_ms(r.median_ms.get(s)) for s in sides]
         cells += [best or "n/a", fmt_ratio(r.ratio("django_sync", "engine"))]
         cells += [fmt_ratio(r.ratio(best, "engine"))]
+        cells += [fmt_ratio(r.ratio("engine", "floor")), fmt_ratio(r.ratio(best, "floor"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -986,6 +1082,51 @@ def gc_table(results: Sequence[Result], sides: Sequence[str]) -> str:
         if r.error is None:
             cells = [r.workload, f"{r.rtt_ms:g}", *(fmt_ms(r.gc_median_ms.get(s)) for s in sides)]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def objects_table(results: Sequence[Result], sides: Sequence[str]) -> str:
+    """Markdown: per workload, the objects each side's result keeps alive, per root."""
+    counted = [r for r in results if r.objects_per_root]
+    if not counted:
+        return ""
+    lines = [
+        "| workload | " + " | ".join(sides) + " |",
+        "| --- |" + " ---: |" * len(sides),
+    ]
+    for r in counted:
+        cells = [r.workload]
+        cells += [
+            "n/a" if s not in r.objects_per_root else f"{r.objects_per_root[s]:.1f}" for s in sides
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: The sides broken down by type in the report (the JSON has every side's).
+TYPE_SIDES: Final = ("django_sync", "engine", "floor", "tortoise_asyncpg")
+
+
+def object_types_table(result: Result, sides: Sequence[str]) -> str:
+    """Markdown: one workload's objects kept alive per root, by type, for the
+    :data:`TYPE_SIDES` among ``sides`` (numbered models, ``Child0`` .. ``Child9``, in one
+    row)."""
+    sides = [s for s in sides if s in result.object_types and s in TYPE_SIDES]
+    per_side: dict[str, dict[str, float]] = {}
+    for side in sides:
+        merged: dict[str, float] = {}
+        for name, count in result.object_types[side].items():
+            key = re.sub(r"\d+$", "*", name) if ".bench." in name else name
+            merged[key] = merged.get(key, 0.0) + count
+        per_side[side] = merged
+    names = sorted(
+        {name for merged in per_side.values() for name in merged},
+        key=lambda name: -max(per_side[s].get(name, 0.0) for s in sides),
+    )
+    lines = ["| type | " + " | ".join(sides) + " |", "| --- |" + " ---: |" * len(sides)]
+    for name in names:
+        cells = [f"`{name}`", *(f"{per_side[s].get(name, 0.0):.2f}" for s in sides)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1048,6 +1189,18 @@ def markdown_report(
         "",
         gc_table(results, sides),
     ]
+    objects = objects_table(results, sides)
+    if objects:
+        parts += [
+            "",
+            "Objects tracked by the collector that one run's result keeps alive, per root:",
+            "",
+            objects,
+        ]
+        for r in results:
+            if r.object_types:
+                parts += ["", f"By type on `{r.workload}` (per root):", ""]
+                parts.append(object_types_table(r, sides))
     failures = [r for r in results if r.error]
     if failures:
         parts += ["", "## FAILURES", ""]
@@ -1134,7 +1287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with asyncio.Runner() as runner:
                 for rtt in rtts if args.memory != "only" else ():
                     results += bench_rtt(
-                        workloads, names, rtt, args.runs, server, proxies, sides, runner
+                        *(workloads, names, rtt, args.runs, server, proxies, sides, runner),
+                        objects=rtt == rtts[0],
                     )
                 results.sort(key=lambda r: (names.index(r.workload), rtts.index(r.rtt_ms)))
             if args.memory != "off":
