@@ -203,6 +203,9 @@ class _Walker:
         elif cache is not _MISSING:
             prefetched["<not a dict>"] = _value(cache)
         snap["prefetched"] = prefetched
+        # Insertion order, which code can see (list(obj._prefetched_objects_cache)): Django
+        # writes sibling lookups' caches one after another, in lookup order.
+        snap["cache_order"] = list(cache) if isinstance(cache, dict) else []
 
         fields_cache: Snap = {}
         for name, cached in sorted(state_dict.get("fields_cache", {}).items()):
@@ -211,6 +214,7 @@ class _Walker:
                 "value": self.value(cached, obj, f"{path}.{name}"),
             }
         snap["fields_cache"] = fields_cache
+        snap["fields_cache_order"] = list(state_dict.get("fields_cache", {}))
 
         to_attr: Snap = {}
         attrs: Snap = {}
@@ -220,6 +224,7 @@ class _Walker:
             target = to_attr if name in self.to_attrs else attrs
             target[name] = self.value(data[name], obj, f"{path}.{name}")
         snap["to_attr"] = to_attr
+        snap["to_attr_order"] = [name for name in data if name in self.to_attrs]
         snap["attrs"] = attrs
         return snap
 
@@ -295,6 +300,9 @@ class _Renderer:
         )
         for name, val in node["fields"].items():
             self.out.append(f"{pad}    field {name} = {val}")
+        for order in ("cache_order", "fields_cache_order", "to_attr_order"):
+            if len(node[order]) > 1:
+                self.out.append(f"{pad}    {order} {node[order]}")
         for name, val in node["attrs"].items():
             self.value(val, f"attr {name} = ", indent + 2)
         for name, val in node["to_attr"].items():

@@ -60,6 +60,26 @@ async def test_child_starts_after_its_parent_and_not_after_siblings() -> None:
     assert abs(sibling - parent) < timedelta(seconds=SLEEP / 2)
 
 
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_caches_gain_keys_in_lookup_order_and_a_later_siblings_child_does_not_wait() -> None:
+    """The first lookup's query is slow, the second's fast: each book's prefetch cache still
+    gains its keys in lookup order, as Django's does one lookup after another (code can see
+    the order), while the fast sibling's child starts long before the slow one is in."""
+    await sync_seed()
+    books: list[Any] = await async_prefetch.aprefetch(
+        Book.objects.order_by("pk"),
+        Prefetch("pages", queryset=slow(Page.objects.all())),
+        Prefetch("authors", queryset=slow(Author.objects.all(), 0)),
+        Prefetch("authors__location", queryset=slow(Location.objects.all(), 0)),
+    )
+    assert books
+    assert {tuple(book._prefetched_objects_cache) for book in books} == {("pages", "authors")}
+    pages = [p for b in books for p in b.pages.all()]
+    locations = [a.location for b in books for a in b.authors.all() if a.location is not None]
+    assert start_of(locations) < start_of(pages) + timedelta(seconds=SLEEP / 2)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_sync_api_is_concurrent_too() -> None:
     seed_bookstore()

@@ -20,26 +20,21 @@ from ..runtime.journal import Journal
 from .cached_querysets import queryset_maker
 
 
-def link_and_fill(
-    level: Level,
-    instances: list[Model],
-    links: list[tuple[RelationQuery, list[Model]]],
-    related: list[Model],
-    journal: Journal,
-) -> None:
-    """Reverse caches on the related objects (per query), then the parents' caches.
+def link_back_keys(links: list[tuple[RelationQuery, list[Model]]]) -> list[Any] | None:
+    """The reverse caches on the related objects (per query), as Django's builder sets
+    them; their ``rel_obj_attr`` keys, which that reads (``None`` when the relation has
+    no reverse cache to set).
 
-    Key functions may read deferred fields (one query each, as in Django), so
-    this may run on a worker thread; repeating it after a partial run is harmless.
+    Key functions may read deferred fields (one query each, as in Django), so this may
+    run on a worker thread; repeating it after a partial run is harmless.
     """
-    relation = links[0][0]
-    keys: list[Any] | None = None
-    if relation.link_back is not None:
-        keys = []
-        for part, objs in links:
-            assert part.link_back is not None  # every chunk's comes from one builder
-            keys += part.link_back(objs)
-    fill_caches(level, instances, relation, related, keys, journal)
+    if links[0][0].link_back is None:
+        return None
+    keys: list[Any] = []
+    for part, objs in links:
+        assert part.link_back is not None  # every chunk's comes from one builder
+        keys += part.link_back(objs)
+    return keys
 
 
 def fill_caches(

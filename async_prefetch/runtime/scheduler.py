@@ -12,8 +12,9 @@ call's :class:`~.session.Session`.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from django.db.models import Model, QuerySet
 
 from ..access import events
 from ..access.modes import PrefetchMode
-from ..hydration.caches import accept_caches, fill_values, link_and_fill
+from ..hydration.caches import accept_caches, fill_caches, fill_values, link_back_keys
 from ..planning.errors import already_seen
 from ..planning.plan import Level, Plan, normalize
 from ..relations import RelationQuery
@@ -31,6 +32,7 @@ from ..relations.delegated import django_prefetch_querysets
 from ..sql.compiler import CompiledQuery, compile_queryset
 from .decide import Fetch, Part, decide
 from .errors import primary_error
+from .fill_order import FillOrder
 from .journal import Journal
 from .memo import MemoSpec
 from .memo_level import MemoBatch, MemoLevel
@@ -100,6 +102,7 @@ class _Run:
         self._results: dict[Level, list[Any]] = {}  # done: the objects it yields
         self._rejections: list[tuple[tuple[int, ...], str]] = []
         self._memos = MemoRounds(self)  # memo levels and their batch queries
+        self._order = FillOrder()  # parents' caches written in Django's order
         self._tg: TaskGroup
         self._send: MemoryObjectSendStream[tuple[Fetch | MemoLevel | MemoBatch, Any]]
 
@@ -185,6 +188,8 @@ class _Run:
             # Raised outside the handler: the error keeps its own cause (the driver's
             # error under Django's) and context instead of the group's.
             raise error
+        for fill in self._order.take_all():  # every sibling has written by now
+            await fill()
         unfinished = [key for key, level in self._plan.levels.items() if level not in self._results]
         assert not unfinished, f"levels never ran: {unfinished}"
 
@@ -208,13 +213,41 @@ class _Run:
 
     async def _schedule(self, level: Level) -> None:
         """Start ``level`` now if Django would have run its predecessors, else defer it."""
-        if self._plan.blockers(level, self._results):
+        if self._plan.blockers(level, self._done()):
             self._deferred.append(level)
             return
         await self._start(level, self._parent_objects(level))
 
     def _parent_objects(self, level: Level) -> list[Any]:
         return self._roots if level.parent is None else self._results[level.parent]
+
+    def _siblings(self, level: Level) -> list[Level]:
+        """The levels that write to ``level``'s parents."""
+        return self._plan.roots if level.parent is None else level.parent.children
+
+    def _done(self) -> Collection[Level]:
+        """The levels done for what waits on them: objects in, writes made."""
+        if not self._order:
+            return self._results.keys()
+        return self._results.keys() - self._order.held()
+
+    async def _fill(self, level: Level, instances: list[Model], fill: Any, *args: Any) -> None:
+        """Write ``level``'s values to its parents (``fill(*args)``), now or, while a
+        sibling Django runs first has not written yet, when it has (:mod:`.fill_order`)."""
+        write = functools.partial(self._write, level, instances, fill, *args)
+        if self._order.must_wait(level, self._siblings(level), self._results):
+            self._order.hold(level, write)
+        else:
+            await write()
+
+    async def _write(self, level: Level, instances: list[Model], fill: Any, *args: Any) -> None:
+        await self._session.sync_or_thread(fill, *args)
+        self._report_filled(level, instances)
+
+    async def _release_fills(self) -> None:
+        done: Mapping[Level, Any] = self._results
+        while self._order and (write := self._order.next_ready(self._siblings, done)):
+            await write()
 
     def _report_filled(self, level: Level, instances: list[Model]) -> None:
         """Tell the N+1 report, when one listens, which caches ``level`` filled."""
@@ -231,6 +264,7 @@ class _Run:
                 await self._schedule(child)
         else:
             self._skip_descendants(level)
+        await self._release_fills()
         await self._release_deferred()
 
     async def _release_deferred(self) -> None:
@@ -240,7 +274,7 @@ class _Run:
                 (
                     level
                     for level in self._deferred
-                    if level in self._results or not self._plan.blockers(level, self._results)
+                    if level in self._results or not self._plan.blockers(level, self._done())
                 ),
                 None,
             )
@@ -337,10 +371,21 @@ class _Run:
             self._mark_created(level, relation, related)
             links = [(relation, related)]
         self._fetched.add(level)
-        await self._session.sync_or_thread(
-            link_and_fill, level, fetch.instances, links, related, self._session.journal
+        # The related objects' reverse caches now (its children read them), the parents'
+        # caches in Django's order.
+        keys = await self._session.sync_or_thread(link_back_keys, links)
+        journal = self._session.journal
+        await self._fill(
+            level,
+            fetch.instances,
+            fill_caches,
+            level,
+            fetch.instances,
+            relation,
+            related,
+            keys,
+            journal,
         )
-        self._report_filled(level, fetch.instances)
         if fetch.step is not None and self._trace is not None:
             self._trace.finish(fetch.step, len(related))
         if relation.additional_lookups:
@@ -381,16 +426,11 @@ class _Run:
         level = served.level
         values, related = served.values()
         self._fetched.add(level)  # Django's done_queries: it would have queried
-        await self._session.sync_or_thread(
-            fill_values,
-            level,
-            served.instances,
-            served.relation,
-            values,
-            self._session.journal,
-            served.link_back,
-        )
-        self._report_filled(level, served.instances)
+        args = (level, served.instances, served.relation, values, self._session.journal)
+        if served.link_back is None:
+            await self._fill(level, served.instances, fill_values, *args)
+        else:  # it writes to the related objects too, which its children read: now
+            await self._write(level, served.instances, fill_values, *args, served.link_back)
         if served.step is not None and self._trace is not None:
             self._trace.finish(served.step, served.hits)
         await self._finish(level, related)
