@@ -332,9 +332,10 @@ def assert_same_prefetch(
     """Assert both lists carry the same prefetched graph; fail with a unified diff if not.
 
     ``modes=False`` compares an auto-prefetched graph with Django's explicit
-    ``prefetch_related``: fetch modes and peers left out, and an empty prefetch cache
-    counted as none (Django's loop gives one to every instance it walks; auto-prefetch
-    only to the instances whose relation it fetched)."""
+    ``prefetch_related``: fetch modes, peers and the caches' key order left out (an
+    auto-prefetched relation is fetched when first touched, in any order), and an empty
+    prefetch cache counted as none (Django's loop gives one to every instance it walks;
+    auto-prefetch only to the instances whose relation it fetched)."""
     lookups = list(lookups)
     expected = snapshot(django_instances, lookups)
     got = snapshot(engine_instances, lookups)
@@ -367,11 +368,16 @@ def fetch_mode_name(mode: Any) -> str | None:
     return type(mode).__qualname__
 
 
+# Left out of an auto-prefetched graph's comparison: its fetch modes and peers, and the order
+# its caches gained their keys in (the order the relations were first touched).
+_NOT_AUTO = ("fetch_mode", "peers", "cache_order", "fields_cache_order", "to_attr_order")
+
+
 def _without_modes(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get("has_prefetch_cache") and not value.get("prefetched"):
             value = {**value, "has_prefetch_cache": False}
-        return {k: _without_modes(v) for k, v in value.items() if k not in ("fetch_mode", "peers")}
+        return {k: _without_modes(v) for k, v in value.items() if k not in _NOT_AUTO}
     if isinstance(value, list):
         return [_without_modes(v) for v in value]
     return value
