@@ -40,7 +40,6 @@ class CallerThread:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._interrupted = False
 
     def bind(self) -> contextvars.Token[CallerThread | None]:
         """Make :func:`on_caller_thread` in this context (and the tasks it starts) send
