@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 
+def join_lookup(path: str | None, name: str) -> str:
+    """The lookup reaching relation ``name`` of the instances at ``path`` (none: the roots)."""
+    return f"{path}__{name}" if path else name
+
+
 @dataclass(frozen=True, slots=True)
 class LazyLoad:
     """One access to a relation that was not loaded.
@@ -50,7 +55,7 @@ class LazyLoad:
     @property
     def lookup(self) -> str:
         """The prefetch lookup that would have loaded it with the call's roots."""
-        return f"{self.path}__{self.name}" if self.path else self.name
+        return join_lookup(self.path, self.name)
 
 
 L = TypeVar("L")

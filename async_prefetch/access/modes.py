@@ -122,7 +122,7 @@ class PrefetchMode(_FetchModeBase):  # type: ignore[misc]
 
     def lookup(self, name: str) -> str:
         """The lookup path from the call's roots to relation ``name`` of these instances."""
-        return f"{self.path}__{name}" if self.path else name
+        return events.join_lookup(self.path, name)
 
     def child(self, name: str) -> PrefetchMode:
         """The mode of the instances reached from these through relation ``name``."""

@@ -15,9 +15,10 @@ transaction (the outer thread under ``async_to_sync``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -35,16 +36,22 @@ class CallerThread:
     """A synchronous caller's thread, running the functions its run sends it.
 
     Made on that thread, :meth:`serve` runs there; :meth:`call` is awaited on the loop
-    that runs the caller's run (in a context where :meth:`bind` has set it).
+    that runs the caller's run (inside :meth:`bound`).
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-    def bind(self) -> contextvars.Token[CallerThread | None]:
-        """Make :func:`on_caller_thread` in this context (and the tasks it starts) send
-        its functions here; reset with the token returned."""
-        return _serving.set(self)
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """While entered, :func:`on_caller_thread` in this context (and the tasks it
+        starts) sends its functions here; on exit :meth:`serve` ends."""
+        token = _serving.set(self)
+        try:
+            yield
+        finally:
+            _serving.reset(token)
+            self.stop()
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         """``func(*args)`` run on the caller's thread; its result or its exception.
@@ -78,7 +85,7 @@ class CallerThread:
                     break
                 func, args, loop, future = item
                 if raised is not None:
-                    loop.call_soon_threadsafe(_cancel, future)
+                    loop.call_soon_threadsafe(future.cancel)
                     continue
                 try:
                     result = func(*args)
@@ -86,7 +93,7 @@ class CallerThread:
                     loop.call_soon_threadsafe(_set_exception, future, exc)
                     del exc
                 except BaseException:
-                    loop.call_soon_threadsafe(_cancel, future)  # not into the engine's loop
+                    loop.call_soon_threadsafe(future.cancel)  # not into the engine's loop
                     raise
                 else:
                     loop.call_soon_threadsafe(_set_result, future, result)
@@ -97,11 +104,6 @@ class CallerThread:
                     interrupt()
         if raised is not None:
             raise raised
-
-
-def reset_serving(token: contextvars.Token[CallerThread | None]) -> None:
-    """Undo :meth:`CallerThread.bind`."""
-    _serving.reset(token)
 
 
 async def on_caller_thread(func: Callable[..., T], *args: Any) -> T:
@@ -122,7 +124,3 @@ def _set_result(future: asyncio.Future[Any], result: Any) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-def _cancel(future: asyncio.Future[Any]) -> None:
-    future.cancel()

@@ -47,7 +47,6 @@ from .transactions import begin_exporting, exported_snapshot, release
 QUIET_ROUNDS = 3
 
 
-#: What opens a ``consistent=True`` call's transaction on its pooled connection.
 @dataclass(eq=False)
 class _Request:
     query: CompiledQuery

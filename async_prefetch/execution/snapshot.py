@@ -31,7 +31,7 @@ from .pools import acquire, get_pool
 from .transactions import (
     BEGIN_CONSISTENT,
     begin_exporting,
-    end_transaction,
+    export_snapshot,
     exported_snapshot,
     release,
 )
@@ -107,13 +107,7 @@ class SnapshotExecutor(PoolExecutor):
         async with self._limiter:
             conn = await self._checkout_exporter(pool)
             try:
-
-                async def run() -> None:
-                    async with conn.pipeline():
-                        exported = await begin_exporting(conn)
-                    self._snapshot = await exported_snapshot(exported)
-
-                await stoppable(conn, run, self._alias)
+                self._snapshot = await stoppable(conn, lambda: export_snapshot(conn), self._alias)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     await self._checkin(pool, conn)
@@ -145,8 +139,7 @@ class SnapshotExecutor(PoolExecutor):
             return  # held, in its transaction, until the call ends
         if conn is self._exporter:
             self._exporter = self._exporter_pool = None
-        await end_transaction(conn)
-        await pool.putconn(conn)
+        await release(conn, pool)
 
     async def _run_query(self, cursor: Any, sql: str, params: Any) -> None:
         conn = cursor.connection

@@ -14,6 +14,7 @@ __all__ = [
     "BEGIN_CONSISTENT",
     "begin_exporting",
     "end_transaction",
+    "export_snapshot",
     "exported_snapshot",
     "release",
 ]
@@ -34,6 +35,14 @@ async def exported_snapshot(cursor: psycopg.AsyncCursor[Any]) -> str:
     assert row is not None
     snapshot: str = row[0]
     return snapshot
+
+
+async def export_snapshot(conn: psycopg.AsyncConnection[Any]) -> str:
+    """Open a ``BEGIN_CONSISTENT`` transaction on ``conn`` and export its snapshot, in
+    one round trip; the snapshot's id."""
+    async with conn.pipeline():
+        exported = await begin_exporting(conn)
+    return await exported_snapshot(exported)
 
 
 async def release(

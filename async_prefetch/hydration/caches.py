@@ -71,25 +71,28 @@ def fill_caches(
         )
 
 
+def link_back_values(
+    instances: list[Model], values: list[Any], link_back: str, journal: Journal
+) -> None:
+    """A memo level's reverse caches (a forward one-to-one): each parent cached on its
+    related instance (``values``, or ``None``) under ``link_back``, as Django's builder
+    does while evaluating its query."""
+    for obj, value in zip(instances, values, strict=True):
+        if value is not None:
+            journal.set_item(value, value._state.fields_cache, link_back, obj)
+
+
 def fill_values(
     level: Level,
     instances: list[Model],
     relation: RelationQuery,
     values: list[Any],
     journal: Journal,
-    link_back: str | None = None,
 ) -> None:
     """Fill caches on ``instances`` as :func:`fill_caches` does, with each parent's
     value given: its related instance or ``None`` (a to-one ``relation``), or the list
     of its related instances (a to-many one). A memo level's values, shared instances.
-
-    ``link_back`` (a forward one-to-one): first cache each parent on its related
-    instance under that name, as Django's builder does while evaluating its query.
     """
-    if link_back is not None:
-        for obj, value in zip(instances, values, strict=True):
-            if value is not None:
-                journal.set_item(value, value._state.fields_cache, link_back, obj)
     leaf_queryset: Any = level.lookup.queryset if level.is_leaf else None
     if not (relation.single or level.as_attr or leaf_queryset is not None):
         _fill_querysets(instances, level.to_attr, relation.cache_name, values, journal)

@@ -9,6 +9,7 @@ builders make. Key functions read plainly stored fields at C speed (:class:`Valu
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 from collections.abc import Callable, Hashable, Sequence
@@ -181,6 +182,12 @@ def field_values(model: type[Model], attname: str, objs: Sequence[Any]) -> list[
     return list(map(operator.attrgetter(attname), objs))
 
 
+@functools.cache
+def _reads_from_dict(model: type[Model], attname: str) -> bool:
+    """Whether ``attname`` is a foreign key's column on ``model`` (its value in ``__dict__``)."""
+    return type(inspect.getattr_static(model, attname, None)) is ForeignKeyDeferredAttribute
+
+
 def model_field_values(model: type[Model], attname: str, objs: Sequence[Any]) -> list[Any]:
     """``[getattr(obj, attname) for obj in objs]`` for instances of exactly ``model``.
 
@@ -192,7 +199,7 @@ def model_field_values(model: type[Model], attname: str, objs: Sequence[Any]) ->
     which writes to it). When one of them is deferred, every value is read through the
     descriptor, in order, loading the deferred ones as Django would.
     """
-    if type(inspect.getattr_static(model, attname, None)) is ForeignKeyDeferredAttribute:
+    if _reads_from_dict(model, attname):
         try:
             return list(map(operator.itemgetter(attname), map(vars, objs)))
         except KeyError:  # deferred: loaded by the descriptor

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from django.core.exceptions import SynchronousOnlyOperation
 
-from ..execution.caller_thread import CallerThread, reset_serving
+from ..execution.caller_thread import CallerThread
 
 T = TypeVar("T")
 
@@ -80,12 +80,8 @@ def run_serving(func: Callable[..., Awaitable[T]], *args: Any) -> T:
 async def _bound(
     caller: CallerThread, func: Callable[..., Awaitable[T]], args: tuple[Any, ...]
 ) -> list[T]:
-    token = caller.bind()
-    try:
+    with caller.bound():
         return await _boxed(func, args)
-    finally:
-        reset_serving(token)
-        caller.stop()
 
 
 async def _boxed(func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> list[T]:

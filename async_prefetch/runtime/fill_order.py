@@ -52,9 +52,3 @@ class FillOrder:
             if not self.must_wait(level, siblings_of(level), done):
                 return self._held.pop(level)
         return None
-
-    def take_all(self) -> list[Fill]:
-        """Every fill still held, in Django's order (the run's end: all are due)."""
-        fills = [self._held[level] for level in sorted(self._held, key=lambda held: held.order)]
-        self._held.clear()
-        return fills

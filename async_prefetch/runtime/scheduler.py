@@ -24,7 +24,13 @@ from django.db.models import Model, QuerySet
 
 from ..access import events
 from ..access.modes import PrefetchMode
-from ..hydration.caches import accept_caches, fill_caches, fill_values, link_back_keys
+from ..hydration.caches import (
+    accept_caches,
+    fill_caches,
+    fill_values,
+    link_back_keys,
+    link_back_values,
+)
 from ..planning.errors import already_seen
 from ..planning.plan import Level, Plan, normalize
 from ..relations import RelationQuery
@@ -188,10 +194,9 @@ class _Run:
             # Raised outside the handler: the error keeps its own cause (the driver's
             # error under Django's) and context instead of the group's.
             raise error
-        for fill in self._order.take_all():  # every sibling has written by now
-            await fill()
         unfinished = [key for key, level in self._plan.levels.items() if level not in self._results]
         assert not unfinished, f"levels never ran: {unfinished}"
+        assert not self._order, "writes held past the run"
 
     def _raise_rejection(self) -> None:
         """Raise Django's "already seen" error for the first rejected lookup in Django's
@@ -232,8 +237,9 @@ class _Run:
         return self._results.keys() - self._order.held()
 
     async def _fill(self, level: Level, instances: list[Model], fill: Any, *args: Any) -> None:
-        """Write ``level``'s values to its parents (``fill(*args)``), now or, while a
-        sibling Django runs first has not written yet, when it has (:mod:`.fill_order`)."""
+        """Write ``level``'s values to its parents, ``fill(level, instances, *args)``, now
+        or, while a sibling Django runs first has not written yet, when it has
+        (:mod:`.fill_order`)."""
         write = functools.partial(self._write, level, instances, fill, *args)
         if self._order.must_wait(level, self._siblings(level), self._results):
             self._order.hold(level, write)
@@ -241,7 +247,7 @@ class _Run:
             await write()
 
     async def _write(self, level: Level, instances: list[Model], fill: Any, *args: Any) -> None:
-        await self._session.sync_or_thread(fill, *args)
+        await self._session.sync_or_thread(fill, level, instances, *args)
         self._report_filled(level, instances)
 
     async def _release_fills(self) -> None:
@@ -253,7 +259,7 @@ class _Run:
         """Tell the N+1 report, when one listens, which caches ``level`` filled."""
         if events.has_cache_listeners() and not level.as_attr:
             mode = self._session.root_mode
-            where = mode.origin.where if mode is not None and mode.origin is not None else None
+            where = mode.where if mode is not None else None
             events.emit_filled(instances, level.key, level.through_attr, where=where)
 
     async def _finish(self, level: Level, objects: list[Any] | None) -> None:
@@ -375,17 +381,7 @@ class _Run:
         # caches in Django's order.
         keys = await self._session.sync_or_thread(link_back_keys, links)
         journal = self._session.journal
-        await self._fill(
-            level,
-            fetch.instances,
-            fill_caches,
-            level,
-            fetch.instances,
-            relation,
-            related,
-            keys,
-            journal,
-        )
+        await self._fill(level, fetch.instances, fill_caches, relation, related, keys, journal)
         if fetch.step is not None and self._trace is not None:
             self._trace.finish(fetch.step, len(related))
         if relation.additional_lookups:
@@ -426,11 +422,10 @@ class _Run:
         level = served.level
         values, related = served.values()
         self._fetched.add(level)  # Django's done_queries: it would have queried
-        args = (level, served.instances, served.relation, values, self._session.journal)
-        if served.link_back is None:
-            await self._fill(level, served.instances, fill_values, *args)
-        else:  # it writes to the related objects too, which its children read: now
-            await self._write(level, served.instances, fill_values, *args, served.link_back)
+        journal = self._session.journal
+        if served.link_back is not None:  # the related objects' caches now: children read them
+            link_back_values(served.instances, values, served.link_back, journal)
+        await self._fill(level, served.instances, fill_values, served.relation, values, journal)
         if served.step is not None and self._trace is not None:
             self._trace.finish(served.step, served.hits)
         await self._finish(level, related)

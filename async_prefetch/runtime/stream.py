@@ -30,12 +30,7 @@ from psycopg.client_cursor import ClientCursorMixin
 from ..execution.pool import stoppable
 from ..execution.pools import acquire, get_pool
 from ..execution.querylog import record_query, wants_log
-from ..execution.transactions import (
-    begin_exporting,
-    end_transaction,
-    exported_snapshot,
-    release,
-)
+from ..execution.transactions import export_snapshot, release
 from ..hydration.rows import row_builder
 from ..sql.compiler import CompiledQuery, compile_queryset
 from .scheduler import run_in_session
@@ -152,26 +147,22 @@ class Stream:
         conn = await acquire(pool)
         try:
             if consistent:
-                self._snapshot = await stoppable(conn, lambda: _export_snapshot(conn), alias)
+                self._snapshot = await stoppable(conn, lambda: export_snapshot(conn), alias)
             if self._caller.connections[alias].settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
                 async for chunk in self._streamed(conn, compiled):
                     yield chunk
                 return
             cursor = _ClientBindingServerCursor(conn, f"_async_prefetch_{next(_cursor_names)}")
-            try:
-                if not consistent:  # else in the snapshot's transaction already
-                    await stoppable(conn, lambda: conn.execute("BEGIN"), alias)
-                started = time.perf_counter()
-                await stoppable(conn, lambda: cursor.execute(sql, params), alias)
-                self._log(conn, sql, params, time.perf_counter() - started)
-                size = self._chunk_size
-                while rows := await stoppable(conn, lambda: cursor.fetchmany(size), alias):
-                    yield rows
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await end_transaction(conn)
+            if not consistent:  # else in the snapshot's transaction already
+                await stoppable(conn, lambda: conn.execute("BEGIN"), alias)
+            started = time.perf_counter()
+            await stoppable(conn, lambda: cursor.execute(sql, params), alias)
+            self._log(conn, sql, params, time.perf_counter() - started)
+            size = self._chunk_size
+            while rows := await stoppable(conn, lambda: cursor.fetchmany(size), alias):
+                yield rows
         finally:
-            await release(conn, pool)
+            await release(conn, pool)  # ends the transaction (closing the cursor), shielded
 
     def _log(self, conn: AsyncConnection[Any], sql: str, params: Any, duration: float) -> None:
         """Report the root query where Django tooling looks (as Django's ``iterator()``
@@ -206,11 +197,3 @@ class Stream:
                 self._log(conn, sql, params, time.perf_counter() - started)
             if chunk:
                 yield chunk
-
-
-async def _export_snapshot(conn: AsyncConnection[Any]) -> str:
-    """Open a ``REPEATABLE READ READ ONLY`` transaction on ``conn`` and export its
-    snapshot, in one round trip; its id."""
-    async with conn.pipeline():
-        exported = await begin_exporting(conn)
-    return await exported_snapshot(exported)
