@@ -43,6 +43,10 @@ import async_prefetch
 from async_prefetch import api
 from async_prefetch.runtime import scheduler
 from async_prefetch.runtime.session import CallerContext
+from async_prefetch.sql import statements
+
+# Every kept statement the engine reuses is compiled by Django again and compared.
+statements.VERIFY = True
 
 P = ParamSpec("P")
 T = TypeVar("T")

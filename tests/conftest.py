@@ -11,8 +11,12 @@ from django.db import connections
 
 import async_prefetch
 from async_prefetch.runtime import bridge
+from async_prefetch.sql import statements
 from tests.factories import seed_bookstore
 from tests.testapp.models import Author, Book, EBook
+
+# Every kept statement the engine reuses is compiled by Django again and compared.
+statements.VERIFY = True
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -107,23 +107,29 @@ def test_each_fetch_starts_before_the_next_sibling_is_compiled(
     connection and sends its query as soon as the limiter and the pool let it) before
     the next sibling's query is built and compiled, not after every sibling is."""
     from async_prefetch.execution import pool as executor
-    from async_prefetch.runtime import decide, scheduler
+    from async_prefetch.relations.base import RelationQuery
+    from async_prefetch.runtime import scheduler
     from async_prefetch.sql import compiler
 
     seed_bookstore()
     events: list[str] = []
     compile_queryset, fetch = compiler.compile_queryset, executor.PoolExecutor.fetch
+    compile_relation = RelationQuery.compile
 
     def logged_compile(queryset: QuerySet[Any]) -> Any:
         events.append(f"compile {queryset.model.__name__}")
         return compile_queryset(queryset)
+
+    def logged_relation(relation: RelationQuery) -> Any:  # compiled, or a kept statement
+        events.append(f"compile {relation.queryset.model.__name__}")
+        return compile_relation(relation)
 
     async def logged_fetch(self: Any, query: Any, consume: Any) -> None:
         events.append(f"fetch {query.model.__name__}")
         await fetch(self, query, consume)
 
     monkeypatch.setattr(scheduler, "compile_queryset", logged_compile)  # the root query
-    monkeypatch.setattr(decide, "compile_queryset", logged_compile)  # each level's
+    monkeypatch.setattr(RelationQuery, "compile", logged_relation)  # each level's
     monkeypatch.setattr(executor.PoolExecutor, "fetch", logged_fetch)
     async_prefetch.prefetch(Book.objects.order_by("pk"), "pages", "reviews", "editions")
     assert events == [

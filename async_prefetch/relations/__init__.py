@@ -32,7 +32,7 @@ from .base import RelationQuery, take_additional_lookups
 
 __all__ = ["RelationKind", "RelationQuery", "build_relation_query", "kind_of", "related_model_of"]
 
-Builder = Callable[[Any, Any, list[Model], Sequence[QuerySet[Any]] | None], RelationQuery]
+Builder = Callable[..., RelationQuery]
 Deriver = Callable[[Any, Any, QuerySet[Any], type[Model]], QuerysetsFactory | None]
 
 
@@ -48,6 +48,9 @@ class RelationKind:
     #: ``derive(descriptor, manager, template, parent_class)`` -> the cached querysets'
     #: maker (:func:`..hydration.queryset_template.queryset_factory`) or ``None``.
     derive_cached_querysets: Deriver | None = None
+    #: ``build(..., reuse_statement=True)`` may return a kept statement
+    #: (:mod:`..sql.statements`) with the queryset left unfiltered.
+    reuses_statements: bool = False
 
 
 def _forward_builder(descriptor: Any, prefetcher: Any, parents: Any, querysets: Any) -> Any:
@@ -59,8 +62,10 @@ def _reverse_one_to_one_builder(descriptor: Any, prefetcher: Any, parents: Any, 
 
 
 def _manager_builder(build: Callable[..., RelationQuery]) -> Builder:
-    def build_with_manager(descriptor: Any, prefetcher: Any, parents: Any, qs: Any) -> Any:
-        return build(prefetcher, parents, qs)  # the related manager is the prefetcher
+    def build_with_manager(
+        descriptor: Any, prefetcher: Any, parents: Any, qs: Any, **options: Any
+    ) -> Any:
+        return build(prefetcher, parents, qs, **options)  # the prefetcher: the related manager
 
     return build_with_manager
 
@@ -77,12 +82,14 @@ _KINDS: dict[type[Any], RelationKind] = {
         _manager_builder(reverse_many_to_one.build),
         lambda d: d.rel.related_model,
         reverse_many_to_one.derive_cached_querysets,
+        reuses_statements=True,
     ),
     ManyToManyDescriptor: RelationKind(
         "many-to-many",
         _manager_builder(many_to_many.build),
         lambda d: d.rel.related_model if d.reverse else d.rel.model,
         many_to_many.derive_cached_querysets,
+        reuses_statements=True,
     ),
 }
 # For isinstance() checks, most specific first: subclasses (third-party descriptors,
@@ -140,6 +147,8 @@ def build_relation_query(
     prefetcher: Any,
     instances: list[Model],
     querysets: Sequence[QuerySet[Any]] | None,
+    *,
+    reuse_statement: bool = False,
 ) -> RelationQuery | None:
     """Build the unevaluated prefetch query for ``instances``, or ``None`` to delegate.
 
@@ -147,10 +156,18 @@ def build_relation_query(
     ``get_prefetch_querysets()``, as returned by Django's ``get_prefetcher()``. Only the
     exact classes registered have builders: subclasses (``GenericRelation``'s descriptor,
     third-party descriptors) keep Django's own implementation.
+
+    With ``reuse_statement``, a kind that keeps compiled statements across calls may
+    return one (``RelationQuery.statement``), its ``queryset`` then left unfiltered: the
+    query is to be run through :meth:`RelationQuery.compile`, never by evaluating
+    ``queryset``. Without it, ``queryset`` is always the filtered one.
     """
     kind = kind_of(descriptor)
     if kind is None or kind.build is None:
         return None
-    query = kind.build(descriptor, prefetcher, instances, querysets)
+    if reuse_statement and kind.reuses_statements:
+        query = kind.build(descriptor, prefetcher, instances, querysets, reuse_statement=True)
+    else:
+        query = kind.build(descriptor, prefetcher, instances, querysets)
     query.additional_lookups = take_additional_lookups(query.queryset)
     return query

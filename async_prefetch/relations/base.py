@@ -21,6 +21,8 @@ from django.db.models.fields.mixins import FieldCacheMixin
 from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
 
 from ..hydration.rows import PLAIN_DESCRIPTORS
+from ..sql.compiler import CompiledQuery, compile_queryset
+from ..sql.statements import Key, Statement, statements
 
 KeyFunc = Callable[[Model], Hashable]
 
@@ -45,6 +47,22 @@ class RelationQuery:
     is_descriptor: bool
     link_back: Callable[[list[Model]], list[Hashable]] | None = None
     additional_lookups: list[Any] = field(default_factory=list)
+    #: Where this relation's compiled statement is kept across calls
+    #: (:mod:`async_prefetch.sql.statements`), ``None`` if it is not.
+    statement_key: Key | None = None
+    #: The kept statement bound to this call's parents: then ``queryset`` is the
+    #: unfiltered one (hints, database, fetch mode) and Django's compiler does not run.
+    statement: Statement | None = None
+
+    def compile(self) -> CompiledQuery:
+        """This relation's query, compiled, or its kept statement; a compile is kept
+        under ``statement_key``."""
+        if self.statement is not None:
+            return self.statement.compiled(self.queryset)
+        compiled = compile_queryset(self.queryset)
+        if self.statement_key is not None:
+            statements.keep(self.statement_key, compiled)
+        return compiled
 
 
 def only_queryset(querysets: Sequence[QuerySet[Any]] | None) -> QuerySet[Any] | None:

@@ -16,6 +16,8 @@ def relation_queries(
     parents: list[Model],
     querysets: list[Any] | None,
     chunk_size: int | None,
+    *,
+    reuse_statement: bool = False,
 ) -> list[RelationQuery]:
     """The level's queries: one, one per chunk of at most ``chunk_size`` parent keys,
     or none when the relation kind is delegated to Django.
@@ -23,9 +25,12 @@ def relation_queries(
     Parents are grouped by their match key first, so each related row is fetched by
     exactly one chunk (one instance per row, as Django's single query gives). Levels
     whose queryset has its own ``prefetch_related()`` lookups are not split.
+    ``reuse_statement``: see :func:`~async_prefetch.relations.build_relation_query`.
     """
     if chunk_size is None or len(parents) <= chunk_size:
-        relation = build_relation_query(descriptor, prefetcher, parents, querysets)
+        relation = build_relation_query(
+            descriptor, prefetcher, parents, querysets, reuse_statement=reuse_statement
+        )
         return [] if relation is None else [relation]
     # Key functions and lookups do not depend on the parents: learn them from one.
     probe = build_relation_query(descriptor, prefetcher, parents[:1], querysets)
@@ -43,7 +48,9 @@ def relation_queries(
         ]
     relations = []
     for chunk in chunks:
-        relation = build_relation_query(descriptor, prefetcher, chunk, querysets)
+        relation = build_relation_query(
+            descriptor, prefetcher, chunk, querysets, reuse_statement=reuse_statement
+        )
         assert relation is not None  # the probe's relation kind
         relations.append(relation)
     if querysets:  # Django hints the Prefetch queryset with the first parent

@@ -12,33 +12,55 @@ from django.db.models.fields import AutoFieldMixin
 
 from ..hydration.queryset_template import ParentParts, QuerysetsFactory, queryset_factory
 from .base import KeyFunc, RelationQuery, ValueKey, scalar_key
-from .parents import filter_by_parents, manager_queryset
+from .parents import filter_by_parents, kept_statement, manager_queryset
 
 # Integer fields' get_db_prep_value: Field's, or AutoField's (PostgreSQL keeps the value).
 _INTEGER_DB_PREP = (Field.get_db_prep_value, AutoFieldMixin.get_db_prep_value)
 
 
 def build(
-    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+    manager: Any,
+    instances: list[Model],
+    querysets: Sequence[QuerySet[Any]] | None,
+    *,
+    reuse_statement: bool = False,
 ) -> RelationQuery:
     """Many-to-many, both directions: ``ManyRelatedManager.get_prefetch_querysets()``
     (which does not evaluate), with the parents filtered on their key values, as one
     ``= ANY`` array."""
     queryset = manager_queryset(manager, instances, querysets)
     fk = manager.through._meta.get_field(manager.source_field_name)
-    queryset = filter_by_parents(
-        queryset, manager.query_field_name, fk.foreign_related_fields, instances
+    path, targets = manager.query_field_name, fk.foreign_related_fields
+
+    def select_join_column(queryset: Any) -> Any:
+        """The join table's column naming each row's parent, selected as Django does."""
+        quote = connections[queryset.db].ops.quote_name
+        join_table = quote(fk.model._meta.db_table)
+        return queryset.extra(
+            select={
+                f"_prefetch_related_val_{f.attname}": f"{join_table}.{quote(f.column)}"
+                for f in fk.local_related_fields
+            }
+        )
+
+    key, statement = (
+        kept_statement(
+            "many_to_many",
+            fk,
+            manager,
+            querysets,
+            queryset,
+            path,
+            targets,
+            instances,
+            finish=select_join_column,
+        )
+        if reuse_statement
+        else (None, None)
     )
-    # The join table's column naming each row's parent, selected as Django selects it.
+    if statement is None:
+        queryset = select_join_column(filter_by_parents(queryset, path, targets, instances))
     connection = connections[queryset.db]
-    quote = connection.ops.quote_name
-    join_table = quote(fk.model._meta.db_table)
-    queryset = queryset.extra(
-        select={
-            f"_prefetch_related_val_{f.attname}": f"{join_table}.{quote(f.column)}"
-            for f in fk.local_related_fields
-        }
-    )
 
     # Django's match keys: each side's values through get_db_prep_value.
     def related_key(result: Model) -> Hashable:
@@ -63,6 +85,8 @@ def build(
         single=False,
         cache_name=manager.prefetch_cache_name,
         is_descriptor=False,
+        statement_key=key,
+        statement=statement,
     )
 
 

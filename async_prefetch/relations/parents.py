@@ -4,15 +4,19 @@ key and many-to-many kinds: Django's filter, with the parents' key values sent a
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db.models import Model, Q, QuerySet
+from django.db.models.manager import BaseManager
 from django.db.models.query_utils import DeferredAttribute
 
 from .. import _compat
+from ..sql import statements as kept
 from ..sql.any_of import any_instead_of_in, plain_values
+from ..sql.compiler import compile_queryset
 from .base import only_queryset
 
 
@@ -53,6 +57,80 @@ def filter_by_parents(
     queryset.query.add_q(Q(**{lookup: values}), reuse_all=True)
     any_instead_of_in(queryset.query)
     return queryset
+
+
+def kept_statement(
+    kind: str,
+    field: Any,
+    manager: Any,
+    querysets: Sequence[QuerySet[Any]] | None,
+    queryset: Any,
+    path: str,
+    targets: Sequence[Any],
+    instances: list[Model],
+    finish: Callable[[Any], Any] = lambda queryset: queryset,
+) -> tuple[kept.Key | None, kept.Statement | None]:
+    """The key under which the relation's compiled statement is kept across calls, and
+    the kept statement bound to ``instances``' keys when there is one (see
+    :mod:`async_prefetch.sql.statements`); ``(None, None)`` when the query can differ
+    from call to call (a ``Prefetch`` queryset, a default manager or queryset class of
+    the project's own) or :func:`filter_by_parents` would not send one array.
+
+    ``queryset`` is :func:`manager_queryset`'s; ``finish`` adds what the builder adds
+    after :func:`filter_by_parents` (the same on every call). With
+    ``statements.VERIFY`` a kept statement is compared with Django's compile.
+    """
+    target = targets[0] if len(targets) == 1 else None
+    if (
+        target is None
+        or only_queryset(querysets) is not None
+        or not plain_default_queryset(manager)
+        or not _all_instances_of(target.model, instances)
+        or not _pks_set(instances)
+    ):
+        return None, None
+    values = list(map(operator.attrgetter(target.attname), instances))
+    if len(values) < 2 or not plain_values(values):
+        return None, None
+    key = (kind, field, queryset.model, path, queryset.db)
+    statement = kept.statements.find(key, values)
+    if statement is not None and kept.VERIFY:
+        django = finish(filter_by_parents(queryset._chain(), path, targets, instances))
+        kept.verify(statement, compile_queryset(django))
+    return key, statement
+
+
+def plain_default_queryset(manager: Any) -> bool:
+    """Whether the default queryset a to-many related manager starts from (its default
+    manager's ``get_queryset()``, hinted and bound by :func:`manager_queryset`) is
+    Django's unfiltered one: neither the manager nor its queryset class overrides how
+    it is made."""
+    manager_class: Any = type(manager)
+    return _plain_manager_class(manager_class)
+
+
+_QUERYSET_MAKING = ("__init__", "_add_hints", "using", "_chain", "_clone", "db")
+
+
+@functools.cache
+def _plain_manager_class(related_manager_class: Any) -> bool:
+    get_queryset = next(
+        (
+            klass.__dict__["get_queryset"]
+            for klass in related_manager_class.__mro__[1:]
+            if "get_queryset" in klass.__dict__
+        ),
+        None,
+    )
+    queryset_class = getattr(related_manager_class, "_queryset_class", None)
+    return (
+        get_queryset is BaseManager.get_queryset
+        and isinstance(queryset_class, type)
+        and issubclass(queryset_class, QuerySet)
+        and all(
+            getattr(queryset_class, name) is getattr(QuerySet, name) for name in _QUERYSET_MAKING
+        )
+    )
 
 
 def _pks_set(instances: list[Model]) -> bool:

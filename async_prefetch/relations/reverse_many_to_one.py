@@ -10,11 +10,15 @@ from django.db.models import Model, QuerySet
 
 from ..hydration.queryset_template import ParentParts, QuerysetsFactory, queryset_factory
 from .base import RelationQuery, key_values, linker, match_keys
-from .parents import filter_by_parents, manager_queryset
+from .parents import filter_by_parents, kept_statement, manager_queryset
 
 
 def build(
-    manager: Any, instances: list[Model], querysets: Sequence[QuerySet[Any]] | None
+    manager: Any,
+    instances: list[Model],
+    querysets: Sequence[QuerySet[Any]] | None,
+    *,
+    reuse_statement: bool = False,
 ) -> RelationQuery:
     """Reverse foreign key (``book.pages``), through the related model's default manager."""
     fk = manager.field
@@ -27,7 +31,16 @@ def build(
         (fk.get_local_related_value, fk.get_foreign_related_value),
     )
     instances_dict = dict(zip(key_values(instance_attr, instances), instances, strict=True))
-    queryset = filter_by_parents(queryset, fk.name, fk.foreign_related_fields, instances)
+    targets = fk.foreign_related_fields
+    key, statement = (
+        kept_statement(
+            "reverse_many_to_one", fk, manager, querysets, queryset, fk.name, targets, instances
+        )
+        if reuse_statement
+        else (None, None)
+    )
+    if statement is None:
+        queryset = filter_by_parents(queryset, fk.name, targets, instances)
     link_back = linker(fk, rel_obj_attr, instances_dict, keep_cached=True)
     return RelationQuery(
         queryset,
@@ -37,6 +50,8 @@ def build(
         cache_name=fk.remote_field.cache_name,
         is_descriptor=False,
         link_back=link_back,
+        statement_key=key,
+        statement=statement,
     )
 
 

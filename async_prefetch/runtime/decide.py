@@ -23,7 +23,7 @@ from ..planning.errors import cannot_find, not_prefetchable
 from ..planning.plan import Level
 from ..relations import RelationQuery
 from ..relations.chunks import relation_queries
-from ..sql.compiler import CompiledQuery, compile_queryset
+from ..sql.compiler import CompiledQuery
 from .memo_level import MemoLevel, memo_level
 from .session import Session
 from .trace import StepTrace
@@ -100,13 +100,14 @@ def decide(
                 obj_to_fetch,
                 level.querysets(),
                 session.config.chunk_size,
+                reuse_statement=True,
             )
             parent_mode = mode_of(obj_to_fetch[0]) or (
                 session.root_mode if level.parent is None else None
             )
             if parent_mode is not None:
                 pass_mode_on(parent_mode, level.to_attr, relations)
-            parts = [Part(rel, compile_queryset(rel.queryset)) for rel in relations]
+            parts = [Part(rel, rel.compile()) for rel in relations]
             return Fetch(level, obj_to_fetch, parts, prefetcher)
     # Already fetched (select_related, an earlier lookup) or not a relation at all
     # (a property): walk on through the attribute's values.

@@ -36,34 +36,47 @@ class AnyOf(In):
     """
 
     def process_rhs(self, compiler: Any, connection: Any) -> tuple[str, Any]:
-        if connection.vendor != "postgresql" or not self.rhs_is_direct_value():
+        array = array_parameter(self, self.rhs, connection)
+        if array is None:
             return super().process_rhs(compiler, connection)
-        try:
-            values = OrderedSet(self.rhs)
-        except TypeError:  # unhashable values: Django's IN list
-            return super().process_rhs(compiler, connection)
-        values.discard(None)
-        if not values:
-            raise EmptyResultSet
-        if len(values) == 1 or self.bilateral_transforms or not _plain(values):
-            return super().process_rhs(compiler, connection)
-        # FieldGetDbPrepValueMixin.get_db_prep_lookup(), without the per-value
-        # expression plumbing of batch_process_rhs() (none of the values is one).
-        output_field = self.lhs.output_field
-        field = getattr(output_field, "target_field", None)
-        prepare = getattr(field, "get_db_prep_value", None) or output_field.get_db_prep_value
-        if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
-            params = list(values)
-        else:
-            params = [prepare(value, connection, prepared=True) for value in values]
-            if not _plain(params):  # Django would compile an expression the field returned
-                return super().process_rhs(compiler, connection)
-        return _ArraySQL(f"(%s{_integer_array_cast(output_field, params, connection)})"), [params]
+        params, cast = array
+        return _ArraySQL(f"(%s{cast})"), [params]
 
     def get_rhs_op(self, connection: Any, rhs: str) -> str:
         if isinstance(rhs, _ArraySQL):
             return f"= ANY{rhs}"
         return super().get_rhs_op(connection, rhs)
+
+
+def array_parameter(lookup: In, rhs: Any, connection: Any) -> tuple[list[Any], str] | None:
+    """The one array parameter :class:`AnyOf` sends for ``rhs`` (its prepared values) and
+    the SQL cast after it (``::integer[]`` or nothing); ``None`` where Django's ``IN``
+    list is rendered instead (another backend, one distinct value, an expression).
+    Raises ``EmptyResultSet`` when no value is left once ``None`` is dropped, as
+    Django's ``IN`` does."""
+    if connection.vendor != "postgresql" or not lookup.rhs_is_direct_value():
+        return None
+    try:
+        values = OrderedSet(rhs)
+    except TypeError:  # unhashable values: Django's IN list
+        return None
+    values.discard(None)
+    if not values:
+        raise EmptyResultSet
+    if len(values) == 1 or lookup.bilateral_transforms or not _plain(values):
+        return None
+    # FieldGetDbPrepValueMixin.get_db_prep_lookup(), without the per-value
+    # expression plumbing of batch_process_rhs() (none of the values is one).
+    output_field = lookup.lhs.output_field
+    field = getattr(output_field, "target_field", None)
+    prepare = getattr(field, "get_db_prep_value", None) or output_field.get_db_prep_value
+    if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
+        params = list(values)
+    else:
+        params = [prepare(value, connection, prepared=True) for value in values]
+        if not _plain(params):  # Django would compile an expression the field returned
+            return None
+    return params, _integer_array_cast(output_field, params, connection)
 
 
 class _ArraySQL(str):
@@ -142,12 +155,12 @@ def any_instead_of_in(query: Any, values: list[Any] | None = None) -> bool:
     if values is not None:
         if type(last) is not In or not isinstance(last.rhs, list) or len(last.rhs) != 1:
             return False
-        any_of.rhs = _prepared(any_of, values)
+        any_of.rhs = prepared(any_of, values)
     where.children[-1] = any_of
     return True
 
 
-def _prepared(lookup: In, values: list[Any]) -> list[Any]:
+def prepared(lookup: In, values: list[Any]) -> list[Any]:
     """What ``lookup.get_prep_lookup()`` returns for plain ``values`` (no expressions)."""
     output_field = getattr(lookup.lhs, "output_field", None)
     prepare = getattr(output_field, "get_prep_value", None)

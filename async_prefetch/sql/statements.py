@@ -1,0 +1,148 @@
+"""Compiled relation statements kept across calls: Django's SQL compiler runs once per
+relation, not once per call.
+
+A to-many relation's query built from the related model's plain default queryset (no
+``Prefetch`` queryset; see :func:`async_prefetch.relations.parents.plain_default_queryset`)
+filtered on its parents' keys as one ``= ANY`` array is
+``SELECT ... WHERE <column> = ANY(%s)``: its SQL depends on the relation, the database
+alias and the array's integer cast (:func:`.any_of.array_parameter`), and its only
+parameter is the array. The first call compiles it with Django's compiler and keeps it
+(:meth:`StatementCache.keep`); later calls bind their own array to that SQL and build
+instances with that compiler's row layout (:meth:`StatementCache.find`), without Django's
+filter and compiler.
+
+A statement is kept only when the compiled query has exactly that shape; anything else
+(another backend, one distinct key, expressions) is compiled by Django every time. Setting
+:data:`VERIFY` (the test suite does) compiles every reused statement again and raises
+``AssertionError`` when it differs from Django's.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections
+from django.db.models.sql.compiler import SQLCompiler
+from django.db.models.sql.where import WhereNode
+
+from .any_of import AnyOf, array_parameter, prepared
+from .compiler import CompiledQuery
+
+#: Compile every reused statement again and compare (tests).
+VERIFY = False
+
+#: Relations whose statements are kept (least recently used dropped first): one per
+#: relation and database of a schema.
+MAX_STATEMENTS = 512
+
+Key = tuple[Hashable, ...]
+"""What a relation's SQL depends on besides the array cast: the relation kind, its
+field, the related model, the lookup path and the database alias."""
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A relation's compiled query for one call: the SQL, this call's parameters, and the
+    compiler whose row layout builds the instances."""
+
+    compiler: SQLCompiler
+    sql: str
+    params: tuple[Any, ...]
+
+    def compiled(self, queryset: Any) -> CompiledQuery:
+        """This statement as a :class:`CompiledQuery` for ``queryset`` (the call's
+        unfiltered queryset: hints, database and fetch mode)."""
+        return CompiledQuery(queryset, queryset.db, self.compiler, self.sql, self.params)
+
+
+@dataclass
+class _Entry:
+    lookup: AnyOf  # the array condition, its values dropped: prepares the next ones
+    compiler: SQLCompiler  # its query without conditions: row layout only
+    sql_by_cast: dict[str, str]
+
+
+class StatementCache:
+    """Kept statements by :data:`Key`; safe to use from several threads."""
+
+    def __init__(self, size: int = MAX_STATEMENTS) -> None:
+        self._size = size
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def find(self, key: Key, values: list[Any]) -> Statement | None:
+        """The kept statement for ``key`` bound to the parents' key ``values``, or
+        ``None`` (not kept yet, or these values need other SQL: Django's compiler)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+        lookup = entry.lookup
+        connection = connections[str(key[-1])]
+        try:
+            array = array_parameter(lookup, prepared(lookup, values), connection)
+        except Exception:  # e.g. EmptyResultSet, a value the field rejects: Django decides
+            return None
+        if array is None:
+            return None
+        params, array_cast = array
+        sql = entry.sql_by_cast.get(array_cast)
+        if sql is None:
+            return None
+        return Statement(entry.compiler, sql, (params,))
+
+    def keep(self, key: Key, compiled: CompiledQuery) -> None:
+        """Keep ``compiled`` (Django's compile of the relation's filtered queryset) under
+        ``key`` when it has the one shape :meth:`find` reproduces: the array condition
+        last and its array the only parameter."""
+        if compiled.sql is None or compiled.alias != key[-1]:
+            return
+        where = compiled.queryset.query.where
+        condition = where.children[-1] if len(where.children) == 1 else None
+        if not isinstance(condition, AnyOf):
+            return
+        try:
+            array = array_parameter(condition, condition.rhs, connections[compiled.alias])
+        except Exception:
+            return
+        if array is None or compiled.params != (array[0],):
+            return
+        lookup = copy.copy(condition)
+        lookup.rhs = []
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                layout = copy.copy(compiled.compiler)
+                layout.query = compiled.compiler.query.chain()
+                layout.query.where = WhereNode()  # the row layout keeps no parent keys
+                entry = self._entries[key] = _Entry(lookup, layout, {})
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+            entry.sql_by_cast[array[1]] = compiled.sql
+
+
+#: The process's kept statements.
+statements = StatementCache()
+
+
+def verify(statement: Statement, compiled: CompiledQuery) -> None:
+    """Raise ``AssertionError`` unless ``statement`` is what Django compiled."""
+    if (statement.sql, statement.params) != (compiled.sql, compiled.params):
+        raise AssertionError(
+            "a kept statement differs from Django's:\n"
+            f"kept:   {statement.sql} {statement.params!r}\n"
+            f"Django: {compiled.sql} {compiled.params!r}"
+        )

@@ -1,0 +1,163 @@
+"""Compiled relation statements kept across calls (``async_prefetch.sql.statements``).
+
+A reverse foreign key's or many-to-many's query from the related model's plain default
+queryset is compiled by Django once; later calls bind their parents' keys to the kept SQL.
+The whole test suite runs with ``statements.VERIFY`` (``tests/conftest.py``): every reuse
+is compared with Django's compile of the same filter. Here: that reuse happens, where it
+must not, and that the caches it fills are Django's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db.models import Prefetch, Q, prefetch_related_objects
+from django.db.models.sql.compiler import SQLCompiler
+
+import async_prefetch
+from async_prefetch.relations import build_relation_query
+from async_prefetch.sql import statements
+from async_prefetch.sql.compiler import CompiledQuery, compile_queryset
+from tests.cache_snapshot import snapshot
+from tests.factories import seed_bookstore
+from tests.testapp.models import Author, Book, Page
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_statements() -> Iterator[None]:
+    statements.statements.clear()
+    yield
+    statements.statements.clear()
+
+
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the models whose queries Django's compiler compiled, in order."""
+    compiled: list[str] = []
+    as_sql = SQLCompiler.as_sql
+
+    def counted(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
+        model: Any = self.query.model
+        compiled.append(model.__name__)
+        return as_sql(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLCompiler, "as_sql", counted)
+    return compiled
+
+
+def _djangos(*lookups: Any) -> list[Book]:
+    return list(Book.objects.order_by("pk").prefetch_related(*lookups))
+
+
+def test_a_second_call_binds_its_keys_to_the_kept_statement(compiles: list[str]) -> None:
+    seed_bookstore(n_books=8)
+    lookups = ("pages", "authors")
+    compiles.clear()
+    first = async_prefetch.prefetch(Book.objects.order_by("pk"), *lookups)
+    assert sorted(compiles) == ["Author", "Book", "Page"]
+    assert len(statements.statements) == 2
+
+    compiles.clear()
+    statements.VERIFY = False  # VERIFY would compile again to compare
+    try:
+        second = async_prefetch.prefetch(Book.objects.order_by("pk").filter(pk__gt=0), *lookups)
+    finally:
+        statements.VERIFY = True
+    assert compiles == ["Book"]  # the root only: the relations' SQL was kept
+    expected = _djangos(*lookups)
+    assert snapshot(second, lookups) == snapshot(expected, lookups)
+    assert snapshot(first, lookups) == snapshot(expected, lookups)
+
+
+def test_other_parents_get_their_own_rows_and_caches() -> None:
+    """The kept SQL with another call's keys: each call's caches hold its own parents'
+    related rows only, as Django's ``prefetch_related_objects`` fills them."""
+    seed_bookstore(n_books=10)
+    lookups = ("pages", "authors", "tags")
+    pks = list(Book.objects.order_by("pk").values_list("pk", flat=True))
+    for half in (pks[:5], pks[5:], pks[2:7]):
+        ours = list(Book.objects.filter(pk__in=half).order_by("pk"))
+        async_prefetch.prefetch_related_objects(ours, *lookups)
+        djangos = list(Book.objects.filter(pk__in=half).order_by("pk"))
+        prefetch_related_objects(djangos, *lookups)
+        assert snapshot(ours, lookups) == snapshot(djangos, lookups)
+    assert len(statements.statements) == 3
+
+
+def test_not_kept_for_a_prefetch_queryset_or_a_filtering_default_manager() -> None:
+    seed_bookstore(n_books=6)
+    async_prefetch.prefetch(
+        Book.objects.order_by("pk"),
+        Prefetch("pages", queryset=Page.objects.filter(number__gt=1)),
+        "reviews",  # Review's default manager hides rows: its own get_queryset()
+    )
+    assert len(statements.statements) == 0
+
+
+def test_a_builder_asked_without_reuse_returns_the_filtered_queryset() -> None:
+    """Callers other than the scheduler (the memo) evaluate ``RelationQuery.queryset``:
+    it stays filtered on the parents even when a statement is kept."""
+    seed_bookstore(n_books=8)
+    async_prefetch.prefetch(Author.objects.order_by("pk"), "books")
+    assert len(statements.statements) == 1
+    authors: list[Any] = list(Author.objects.order_by("pk")[:2])
+    descriptor, manager = Author.books, authors[0].books
+    relation = build_relation_query(descriptor, manager, authors, None)
+    assert relation is not None
+    assert relation.statement is None
+    rows = {book.pk for book in relation.queryset}
+    expected = {book.pk for author in authors for book in author.books.all()}
+    assert rows == expected != {book.pk for book in Book.objects.all()}
+
+
+def test_verify_raises_when_a_kept_statement_is_not_djangos() -> None:
+    seed_bookstore(n_books=6)
+    async_prefetch.prefetch(Book.objects.order_by("pk"), "pages")
+    (entry,) = statements.statements._entries.values()
+    entry.sql_by_cast = {
+        cast: sql.replace("ORDER BY", "ORDER BY 1,") for cast, sql in entry.sql_by_cast.items()
+    }
+    with pytest.raises(AssertionError, match="differs from Django's"):
+        async_prefetch.prefetch(Book.objects.order_by("pk"), "pages")
+
+
+def _compiled(model: type[Any], name: str, parents: list[Any]) -> CompiledQuery:
+    """Django's compile of the relation's filtered queryset (no reuse)."""
+    relation = build_relation_query(getattr(model, name), getattr(parents[0], name), parents, None)
+    assert relation is not None
+    return compile_queryset(relation.queryset)
+
+
+def test_the_least_recently_used_statement_goes_first() -> None:
+    seed_bookstore(n_books=6)
+    books = list(Book.objects.order_by("pk"))
+    keys = [("test", name, "default") for name in ("pages", "authors", "tags")]
+    kept = statements.StatementCache(size=2)
+    kept.keep(keys[0], _compiled(Book, "pages", books))
+    kept.keep(keys[1], _compiled(Book, "authors", books))
+    values = [book.pk for book in books]
+    assert kept.find(keys[0], values) is not None  # used: now the most recent
+    kept.keep(keys[2], _compiled(Book, "tags", books))
+    assert len(kept) == 2
+    assert kept.find(keys[1], values) is None  # dropped
+    found = kept.find(keys[0], values)
+    assert found is not None
+    assert found.params == (values,)
+    assert kept.find(keys[2], values[:1]) is None  # one key: Django's IN, not the array
+
+
+def test_a_compile_of_another_shape_is_not_kept() -> None:
+    """Only the array condition alone, its array the only parameter, is kept."""
+    seed_bookstore(n_books=6)
+    books = list(Book.objects.order_by("pk"))
+    kept = statements.StatementCache()
+    single = _compiled(Book, "pages", books[:1])  # one key: Django's IN (%s)
+    kept.keep(("test", "single", "default"), single)
+    filtered = _compiled(Book, "pages", books)
+    filtered.queryset.query.add_q(Q(number__gt=1))  # a second condition
+    kept.keep(("test", "two conditions", "default"), filtered)
+    assert len(kept) == 0
