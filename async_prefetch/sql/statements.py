@@ -62,7 +62,7 @@ class Statement:
 
 @dataclass
 class _Entry:
-    lookup: AnyOf  # the array condition, its values dropped: prepares the next ones
+    lookup: AnyOf  # on the condition's column, without values: prepares the next ones
     compiler: SQLCompiler  # its query without conditions: row layout only
     sql_by_cast: dict[str, str]
 
@@ -120,14 +120,15 @@ class StatementCache:
             return
         if array is None or compiled.params != (array[0],):
             return
-        lookup = copy.copy(condition)
-        lookup.rhs = []
+        lookup = AnyOf(condition.lhs, [])  # prepares values as the condition does
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                # The row layout only: neither it nor its query keeps the parent keys.
                 layout = copy.copy(compiled.compiler)
+                layout.where = layout.having = layout.qualify = None
                 layout.query = compiled.compiler.query.chain()
-                layout.query.where = WhereNode()  # the row layout keeps no parent keys
+                layout.query.where = WhereNode()
                 entry = self._entries[key] = _Entry(lookup, layout, {})
                 while len(self._entries) > self._size:
                     self._entries.popitem(last=False)
