@@ -19,6 +19,14 @@ from tests.testapp.models import Author, Book, EBook
 statements.VERIFY = True
 
 
+@pytest.fixture
+def no_kept_statements() -> Iterator[None]:
+    """No relation statement kept by earlier tests, and none left for later ones."""
+    statements.statements.clear()
+    yield
+    statements.statements.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _engine_shutdown(django_db_setup: None) -> Iterator[None]:
     """Close the engine's pools, and the connection async tests opened on asgiref's

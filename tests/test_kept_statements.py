@@ -9,7 +9,6 @@ must not, and that the caches it fills are Django's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,14 +23,10 @@ from tests.cache_snapshot import snapshot
 from tests.factories import seed_bookstore
 from tests.testapp.models import Author, Book, Page
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_statements() -> Iterator[None]:
-    statements.statements.clear()
-    yield
-    statements.statements.clear()
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("no_kept_statements"),
+]
 
 
 @pytest.fixture

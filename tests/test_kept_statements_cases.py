@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,14 +24,10 @@ from tests.cache_snapshot import snapshot
 from tests.factories import seed_bookstore
 from tests.testapp.models import Book, EBook, Publisher, Tag
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_statements() -> Iterator[None]:
-    statements.statements.clear()
-    yield
-    statements.statements.clear()
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("no_kept_statements"),
+]
 
 
 @pytest.fixture
