@@ -40,3 +40,17 @@ def test_quick_gather_bench_completes_with_results_equal_to_djangos(tmp_path: Pa
         atomic = _row(report, f"| {name} | 0 |")
         assert all(float(cell) > 0 for cell in atomic[2 : 2 + len(ATOMIC_SIDES)])
     assert "## Targets (issue 16)" in report
+
+
+def test_overhead_measures_every_side_and_part() -> None:
+    """``devtools.bench.overhead``: one row per RTT with a time for every side and part
+    (the engine's and ``PoolQuerySet``'s results are checked against Django's inside)."""
+    from async_prefetch.devtools.bench.overhead import PARTS, WHOLE
+
+    done = run_module(
+        "async_prefetch.devtools.bench.overhead", "--rtts", "0", "--rounds", "1", "--calls", "3"
+    )
+    row = _row(done.stdout, "| 0 |")
+    assert len(row) == 1 + len(WHOLE) + len(PARTS) + 1
+    assert all(float(cell) > 0 for cell in row[1:-1])
+    assert re.fullmatch(r"\d+\.\d\dx", row[-1])
