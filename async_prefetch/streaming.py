@@ -18,6 +18,8 @@ another by the engine, without read-ahead.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -114,7 +116,8 @@ async def _aiterate(
         while (rows := await bridge.run_async(next_chunk)) is not None:
             for instance in rows:
                 yield instance
-            del rows  # not held while the next chunk is asked for (and read)
+            del instance  # a chunk is never empty
+            _let_go(rows)  # not held while the next chunk is asked for (and read)
     finally:
         await bridge.run_async(stream.aclose)
 
@@ -143,9 +146,71 @@ def _iterate(
     try:
         while (rows := bridge.run_sync(next_chunk)) is not None:
             yield from rows
-            del rows  # not held while the next chunk is asked for (and read)
+            _let_go(rows)  # not held while the next chunk is asked for (and read)
     finally:
         _close(stream)
+
+
+#: Whether :func:`_let_go` may read reference counts: exact on CPython with the GIL before
+#: 3.14 (from 3.14 the interpreter may skip the count of a reference it borrows).
+_EXACT_REFCOUNTS = (
+    sys.implementation.name == "cpython"
+    and sys.version_info < (3, 14)
+    and getattr(sys, "_is_gil_enabled", lambda: True)()
+)
+
+
+def _let_go(chunk: list[Any]) -> None:
+    """Empty ``chunk``, a chunk the loop is done with, freeing now the instances that
+    nothing else holds, instead of at the next full garbage collection.
+
+    Each to-many cache Django fills is a queryset whose ``_hints`` hold its instance, so
+    an instance with prefetched to-many relations is in a reference cycle and outlives
+    the loop's last reference until the collector's oldest generation is collected
+    (chunks live long enough to be promoted there): a stream would hold chunks the loop
+    let go beside the ones it works on. An instance is freed here only when the reference
+    counts prove that nothing but the chunk and those hints hold it (no weak reference
+    either) and that its ``__dict__``, its prefetch cache, the querysets in it and their
+    hints are held only along that cycle: nothing can reach it any more, so removing the
+    instance from its querysets' hints (which frees all of them) is seen by no one. Any
+    other instance (the loop kept it, or a queryset, a manager or its caches; a reverse
+    relation's objects point back to it; a weak reference) is left untouched, for the
+    collector, as before.
+    """
+    if not _EXACT_REFCOUNTS:
+        chunk.clear()
+        return
+    count = sys.getrefcount
+    weak_count = weakref.getweakrefcount
+    probe = object()
+    one = count(probe)  # an object held by one local variable (what count() adds included)
+    del probe
+    while chunk:
+        instance = chunk.pop()
+        state = getattr(instance, "__dict__", None)
+        cache = state.get("_prefetched_objects_cache") if state is not None else None
+        if type(cache) is not dict or count(cache) != one + 1 or count(state) != one + 1:
+            continue  # held by its instance (or __dict__) and this variable: nothing else
+        cycle = 0  # querysets whose hints hold the instance
+        for queryset in cache.values():
+            hints = getattr(queryset, "_hints", None)
+            if (
+                count(queryset) != one + 1
+                or type(hints) is not dict
+                or count(hints) != one + 1
+                or weak_count(queryset)
+            ):
+                break
+            if hints.get("instance") is instance:
+                cycle += 1
+        else:
+            if cycle and count(instance) == one + cycle and not weak_count(instance):
+                for queryset in cache.values():
+                    hints = queryset._hints
+                    if hints.get("instance") is instance:
+                        del hints["instance"]
+                del hints, queryset
+        # Freed here, with its caches, when the cycle was its last holder.
 
 
 def _close(stream: Stream) -> None:

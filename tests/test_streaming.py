@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import weakref
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -178,6 +179,99 @@ async def test_breaking_out_of_async_for_and_closing() -> None:
     await stream.aclose()
     assert await bridge.run_async(settle_pool) == 0
     assert not await sync_to_async(busy_engine_connections)()
+
+
+#: Lookups whose caches point back at a book only through their querysets' hints.
+CYCLIC_ONLY = ("authors", "tags", "publisher")
+
+
+class Probe:
+    """Put on an instance, its weak reference tells when the instance is freed (a weak
+    reference to the instance itself would keep the stream from freeing it)."""
+
+
+def probe(book: Any) -> weakref.ref[Probe]:
+    book.probe = Probe()
+    return weakref.ref(book.probe)
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """The cyclic garbage collector off: what is freed is freed by reference counting."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_chunks_the_loop_let_go_are_freed_at_once(collector_off: None) -> None:
+    """A book's to-many caches hold it (their querysets' hints), so a chunk the loop has
+    let go waits for a full collection, but for the stream, which frees the books nothing
+    else holds when the next chunk is asked for: with the collector off, every book but
+    the first of each chunk (the run's plan holds it) and the last (the loop's variable
+    holds it then) is gone once the stream has ended."""
+    seed_bookstore(n_books=13)
+    refs: list[weakref.ref[Probe]] = []
+    stream = async_prefetch.iterator(Book.objects.order_by("pk"), *CYCLIC_ONLY, chunk_size=4)
+    for book in stream:
+        assert "tags" in vars(book)["_prefetched_objects_cache"]
+        refs.append(probe(book))
+    del book, stream
+    alive = [index for index, ref in enumerate(refs) if ref() is not None]
+    assert len(refs) == 13
+    assert set(alive) <= {0, 3, 4, 7, 8, 11, 12}, alive
+
+
+def test_instances_the_loop_keeps_keep_their_caches(collector_off: None) -> None:
+    """Books the loop keeps, or reaches through something it keeps (a cached queryset, a
+    related manager, a weak reference), keep their caches as Django filled them."""
+    seed_bookstore(n_books=13)
+    expected = django_chunks(4, CYCLIC_ONLY)
+    kept: list[Any] = []
+    querysets: dict[int, Any] = {}
+    managers: dict[int, Any] = {}
+    weak: dict[int, weakref.ref[Any]] = {}
+    stream = async_prefetch.iterator(Book.objects.order_by("pk"), *CYCLIC_ONLY, chunk_size=4)
+    for index, book in enumerate(stream):
+        if index % 4 == 1:
+            kept.append(book)
+        elif index % 4 == 2:
+            querysets[index] = book.tags.all()  # the cached queryset itself
+        elif index in (0, 4):
+            managers[index] = book.authors
+        else:
+            weak[index] = weakref.ref(book)
+    del book, stream
+    reached = {index: qs._hints["instance"] for index, qs in querysets.items()}
+    reached |= {index: manager.instance for index, manager in managers.items()}
+    reached |= {index: ref() for index, ref in weak.items()}
+    reached |= {4 * position + 1: book for position, book in enumerate(kept)}
+    assert None not in reached.values()
+    indexes = sorted(reached)
+    assert_same_prefetch([expected[i] for i in indexes], [reached[i] for i in indexes], CYCLIC_ONLY)
+    for book in reached.values():
+        for queryset in vars(book)["_prefetched_objects_cache"].values():
+            assert queryset._hints == {"instance": book}
+
+
+@pytest.mark.anyio
+async def test_async_chunks_the_loop_let_go_are_freed_at_once(collector_off: None) -> None:
+    await sync_to_async(seed_bookstore)(n_books=9)
+    refs: list[weakref.ref[Probe]] = []
+    kept: list[Any] = []
+    async for book in async_prefetch.aiterator(
+        Book.objects.order_by("pk"), *CYCLIC_ONLY, chunk_size=3
+    ):
+        refs.append(probe(book))
+        if len(refs) == 5:
+            kept.append(book)
+    del book
+    alive = [index for index, ref in enumerate(refs) if ref() is not None]
+    assert set(alive) <= {0, 2, 3, 4, 5, 6, 8}, alive
+    assert 4 in alive
+    assert vars(kept[0])["_prefetched_objects_cache"]["tags"]._hints == {"instance": kept[0]}
 
 
 def test_a_failing_chunk_raises_after_the_chunks_before_it() -> None:

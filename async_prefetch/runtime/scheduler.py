@@ -85,11 +85,13 @@ async def run_in_session(
     session.journal.open()
     if built:
         session.journal.mark_created(instances)
+    run = _Run(session)
     try:
-        return await _Run(session).execute(instances, lookups, root_queryset, outer=True)
+        return await run.execute(instances, lookups, root_queryset, outer=True)
     finally:
         session.journal.close()
         session.journal = Journal()  # it holds the run's caches: they go with the run
+        run.discard()
 
 
 class _Run:
@@ -111,6 +113,12 @@ class _Run:
         self._order = FillOrder()  # parents' caches written in Django's order
         self._tg: TaskGroup
         self._send: MemoryObjectSendStream[tuple[Fetch | MemoLevel | MemoBatch, Any]]
+
+    def discard(self) -> None:
+        """Drop the run's state once it has ended: the run is in reference cycles (its memo
+        rounds, its task group) that would keep its instances and their related objects
+        until a full garbage collection."""
+        self.__dict__.clear()
 
     # -- entry -------------------------------------------------------------------
 

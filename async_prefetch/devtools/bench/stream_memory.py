@@ -6,7 +6,9 @@ bench does, seeds the books, and prints:
 * each variant's peak resident memory (``VmHWM``) streaming every book, one fresh process per
   variant, variants alternating over ``--rounds``: Django's ``iterator(chunk_size)`` with
   ``prefetch_related()``, and the engine's :func:`async_prefetch.iterator` with each
-  ``--read-ahead`` (0: no chunk is fetched ahead of the loop);
+  ``--read-ahead`` (0: no chunk is fetched ahead of the loop); beside it, the resident size
+  before the stream and the peak of a second stream in the same process (the engine's
+  first stream also pays for its start: its modules, thread and pool);
 * the live Python memory (``tracemalloc``, after a collection) that one chunk of books with
   its caches holds, Django's ``prefetch_related`` beside the engine's ``prefetch``.
 
@@ -99,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child(variant, host, port, books=args.books, chunk_size=args.chunk_size)
     variants = ["django", *(f"engine_read_ahead_{n}" for n in args.read_ahead)]
     peaks: dict[str, list[float]] = {variant: [] for variant in variants}
+    seconds: dict[str, list[float]] = {variant: [] for variant in variants}
+    befores: dict[str, list[float]] = {variant: [] for variant in variants}
     with runner.bench_database([0.0]) as (server, proxies):
         stream.StreamWorkload(books=args.books, chunk_size=args.chunk_size).seed()
         host, port = proxies[runner.alias_for(0.0)]
@@ -116,11 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{variant} failed {error}")
                     return 1
                 peaks[variant].append(payload["peak_kib"] / 1024)
+                seconds[variant].append(payload["second_peak_kib"] / 1024)
+                befores[variant].append(payload["baseline_kib"] / 1024)
                 print(f"{variant}: peak {peaks[variant][-1]:.1f} MiB", file=sys.stderr, flush=True)
         live = _live_chunk_kib(runner.alias_for(0.0), args.chunk_size, args.rounds * 2)
-    print(f"| variant | peak RSS MiB ({args.rounds} fresh processes) |\n| --- | --- |")
+    print(
+        f"| variant | peak RSS MiB ({args.rounds} fresh processes) | second stream: peak MiB"
+        " | RSS before MiB |\n| --- | --- | --- | --- |"
+    )
     for variant, values in peaks.items():
-        print(f"| {variant} | {' / '.join(f'{v:.1f}' for v in values)} |")
+        columns = (values, seconds[variant], befores[variant])
+        print(f"| {variant} | {' | '.join(' / '.join(f'{v:.1f}' for v in c) for c in columns)} |")
     print(f"\nLive Python memory of one chunk of {args.chunk_size} books with its caches:")
     for side, kib in live.items():
         print(f"- {side}: {kib / 1024:.2f} MiB")
