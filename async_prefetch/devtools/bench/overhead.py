@@ -13,7 +13,9 @@ bookstore, and times, alternating in one process, medians of ``--rounds`` rounds
   Django's async methods), ``capture_async_caller()`` (the engine's hop to the thread that
   holds the caller's Django connections), a no-op on the engine's loop
   (``bridge.run_async``), and ``SELECT 1`` on a pooled connection on the engine's loop
-  against a synchronous psycopg connection (the cost of asyncio I/O).
+  against a synchronous psycopg connection (the cost of asyncio I/O), both through the
+  latency proxy and, ``direct``, to the server itself (no proxy: what the proxy adds to
+  each side at the same RTT).
 
 Every ``engine`` and ``pool_aget`` result is checked equal to Django's. What a call pays
 once, whatever it fetches, tells where the engine cannot gain: a lone query has nothing to
@@ -32,11 +34,22 @@ from typing import Any
 from async_prefetch.devtools.bench import runner
 
 WHOLE = ("django", "engine", "django_aget", "pool_aget")
-PARTS = ("sync_to_async", "capture", "engine_hop", "select1_engine_pool", "select1_sync")
+PARTS = (
+    "sync_to_async",
+    "capture",
+    "engine_hop",
+    "select1_engine_pool",
+    "select1_sync",
+    "select1_engine_direct",
+    "select1_sync_direct",
+)
 
 
-def _sides(alias: str) -> dict[str, Callable[[], Awaitable[Any]]]:
-    """One call of every side (needs Django set up and the bookstore seeded)."""
+def _sides(
+    alias: str, direct: str
+) -> tuple[dict[str, Callable[[], Awaitable[Any]]], Callable[[], None]]:
+    """One call of every side (needs Django set up and the bookstore seeded), and what
+    closes the connections they opened; ``direct``: the server's own URL (no proxy)."""
     import psycopg
     from asgiref.sync import sync_to_async
 
@@ -51,6 +64,8 @@ def _sides(alias: str) -> dict[str, Callable[[], Awaitable[Any]]]:
     expected = list(Publisher.objects.using(alias).values_list("pk", flat=True))
     params = {k: v for k, v in connection_kwargs(alias).items() if k != "cursor_factory"}
     sync_connection = psycopg.Connection.connect(**params)
+    sync_direct = psycopg.Connection.connect(direct, autocommit=True)
+    engine_direct: list[psycopg.AsyncConnection[Any]] = []
 
     async def django() -> Any:
         return [p async for p in Publisher.objects.using(alias).all()]
@@ -96,7 +111,32 @@ def _sides(alias: str) -> dict[str, Callable[[], Awaitable[Any]]]:
     async def select1_sync() -> None:
         sync_connection.execute("SELECT 1").fetchall()
 
-    return {
+    async def select1_direct() -> None:
+        if not engine_direct:
+            engine_direct.append(
+                await psycopg.AsyncConnection.connect(
+                    direct, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
+                )
+            )
+        cursor = await engine_direct[0].execute("SELECT 1")
+        await cursor.fetchall()
+
+    async def select1_engine_direct() -> float:
+        return float(await bridge.run_async(_timed_on_loop, select1_direct))
+
+    async def select1_sync_direct() -> None:
+        sync_direct.execute("SELECT 1").fetchall()
+
+    async def close_direct() -> None:
+        for connection in engine_direct:
+            await connection.close()
+
+    def close() -> None:
+        bridge.run_sync(close_direct)
+        sync_connection.close()
+        sync_direct.close()
+
+    sides: dict[str, Callable[[], Awaitable[Any]]] = {
         "django": django,
         "engine": engine,
         "django_aget": django_aget,
@@ -106,7 +146,10 @@ def _sides(alias: str) -> dict[str, Callable[[], Awaitable[Any]]]:
         "engine_hop": engine_hop,
         "select1_engine_pool": select1_engine_pool,
         "select1_sync": select1_sync,
+        "select1_engine_direct": select1_engine_direct,
+        "select1_sync_direct": select1_sync_direct,
     }
+    return sides, close
 
 
 async def _timed_on_loop(call: Callable[[], Awaitable[Any]]) -> float:
@@ -127,16 +170,21 @@ async def _round(call: Callable[[], Awaitable[Any]], calls: int, inner: bool) ->
     return (time.perf_counter() - started) / calls * 1e6
 
 
-def measure(alias: str, rounds: int, calls: int, loop: asyncio.Runner) -> dict[str, float]:
+def measure(
+    alias: str, direct: str, rounds: int, calls: int, loop: asyncio.Runner
+) -> dict[str, float]:
     """Median microseconds per call of every side, sides alternating round by round."""
-    sides = _sides(alias)
-    inner = {"select1_engine_pool"}
-    for name, call in sides.items():  # warm-up: pools open, code paths compiled
-        loop.run(_round(call, max(calls // 5, 1), name in inner))
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, call in sides.items():
-            times[name].append(loop.run(_round(call, calls, name in inner)))
+    sides, close = _sides(alias, direct)
+    inner = {"select1_engine_pool", "select1_engine_direct"}
+    try:
+        for name, call in sides.items():  # warm-up: pools open, code paths compiled
+            loop.run(_round(call, max(calls // 5, 1), name in inner))
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(rounds):
+            for name, call in sides.items():
+                times[name].append(loop.run(_round(call, calls, name in inner)))
+    finally:
+        close()
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -166,10 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from async_prefetch.devtools.demo.bookstore import seed
 
     results: dict[float, dict[str, float]] = {}
-    with runner.bench_database(args.rtts), asyncio.Runner() as loop:
+    with runner.bench_database(args.rtts) as (server, _), asyncio.Runner() as loop:
         seed(200)
+        direct = server.url()
         for rtt in args.rtts:
-            results[rtt] = measure(runner.alias_for(rtt), args.rounds, args.calls, loop)
+            results[rtt] = measure(runner.alias_for(rtt), direct, args.rounds, args.calls, loop)
             runner.progress(f"overhead @ {rtt:g} ms done")
     print(table(results))
     return 0
