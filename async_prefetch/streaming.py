@@ -162,7 +162,9 @@ _EXACT_REFCOUNTS = (
 
 def _let_go(chunk: list[Any]) -> None:
     """Empty ``chunk``, a chunk the loop is done with, freeing now the instances that
-    nothing else holds, instead of at the next full garbage collection.
+    nothing else holds, instead of at the next full garbage collection. The list itself is
+    emptied, so what else still refers to it (the chunk's run, in cycles of its own until
+    a collection) no longer holds its instances.
 
     Each to-many cache Django fills is a queryset whose ``_hints`` hold its instance, so
     an instance with prefetched to-many relations is in a reference cycle and outlives

@@ -34,16 +34,10 @@ def filter_by_parents(
     Django's own filter, which raises its error for the last two before any query (even
     when the relation's key is another field).
     """
-    target = targets[0] if len(targets) == 1 else None
-    if (
-        target is None
-        or queryset.query.is_sliced
-        or not _all_instances_of(target.model, instances)
-        or not _pks_set(instances)
-    ):
+    values = _key_values(queryset, targets, instances)
+    if values is None:
         return _compat.filter_prefetch_queryset(queryset, path, instances)
-    values = list(map(operator.attrgetter(target.attname), instances))
-    lookup = f"{path}__{target.name}__in"
+    lookup = f"{path}__{targets[0].name}__in"
     if len(values) > 1 and plain_values(values):
         # Django's filter for the first value only (its joins, lookup and column),
         # then all the values prepared at once: Django's filter resolves and
@@ -57,6 +51,20 @@ def filter_by_parents(
     queryset.query.add_q(Q(**{lookup: values}), reuse_all=True)
     any_instead_of_in(queryset.query)
     return queryset
+
+
+def _key_values(queryset: Any, targets: Sequence[Any], instances: list[Model]) -> list[Any] | None:
+    """The parents' values of the one target field :func:`filter_by_parents` filters on,
+    or ``None`` where it keeps Django's own filter (see there)."""
+    target = targets[0] if len(targets) == 1 else None
+    if (
+        target is None
+        or queryset.query.is_sliced
+        or not _all_instances_of(target.model, instances)
+        or not _pks_set(instances)
+    ):
+        return None
+    return list(map(operator.attrgetter(target.attname), instances))
 
 
 def kept_statement(
@@ -80,17 +88,10 @@ def kept_statement(
     after :func:`filter_by_parents` (the same on every call). With
     ``statements.VERIFY`` a kept statement is compared with Django's compile.
     """
-    target = targets[0] if len(targets) == 1 else None
-    if (
-        target is None
-        or only_queryset(querysets) is not None
-        or not plain_default_queryset(manager)
-        or not _all_instances_of(target.model, instances)
-        or not _pks_set(instances)
-    ):
+    if only_queryset(querysets) is not None or not plain_default_queryset(manager):
         return None, None
-    values = list(map(operator.attrgetter(target.attname), instances))
-    if len(values) < 2 or not plain_values(values):
+    values = _key_values(queryset, targets, instances)
+    if values is None or len(values) < 2 or not plain_values(values):
         return None, None
     key = (kind, field, queryset.model, path, queryset.db)
     statement = kept.statements.find(key, values)

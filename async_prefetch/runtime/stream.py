@@ -128,14 +128,7 @@ class Stream:
                 instances = build(rows)
                 del rows
                 if self._lookups:
-                    # The run's own objects outlive it in reference cycles, until a full
-                    # garbage collection: they hold a list the stream empties, not the
-                    # chunk, which the consumer's loop can then free (see streaming.py).
-                    roots = instances.copy()
-                    try:
-                        await run_in_session(session, roots, self._lookups, built=True)
-                    finally:
-                        roots.clear()
+                    await run_in_session(session, instances, self._lookups, built=True)
                 await self._send.send(instances)
                 del instances  # the consumer's now: not kept while the next one is read
 

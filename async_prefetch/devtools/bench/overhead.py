@@ -101,15 +101,7 @@ def _sides(
     async def select1_on_pool() -> None:
         pool = await get_pool(alias)
         async with pool.connection() as conn:
-            cursor = await conn.execute("SELECT 1")
-            await cursor.fetchall()
-
-    async def select1_engine_pool() -> float:
-        """Timed on the engine's loop: the hop is not part of it."""
-        return float(await bridge.run_async(_timed_on_loop, select1_on_pool))
-
-    async def select1_sync() -> None:
-        sync_connection.execute("SELECT 1").fetchall()
+            await _select1(conn)
 
     async def select1_direct() -> None:
         if not engine_direct:
@@ -118,14 +110,21 @@ def _sides(
                     direct, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
                 )
             )
-        cursor = await engine_direct[0].execute("SELECT 1")
-        await cursor.fetchall()
+        await _select1(engine_direct[0])
 
-    async def select1_engine_direct() -> float:
-        return float(await bridge.run_async(_timed_on_loop, select1_direct))
+    def timed_on_engine(call: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[float]]:
+        """``call`` timed on the engine's loop: the hop is not part of it."""
 
-    async def select1_sync_direct() -> None:
-        sync_direct.execute("SELECT 1").fetchall()
+        async def timed() -> float:
+            return float(await bridge.run_async(_timed_on_loop, call))
+
+        return timed
+
+    def blocking(connection: psycopg.Connection[Any]) -> Callable[[], Awaitable[None]]:
+        async def select1() -> None:
+            connection.execute("SELECT 1").fetchall()
+
+        return select1
 
     async def close_direct() -> None:
         for connection in engine_direct:
@@ -144,12 +143,17 @@ def _sides(
         "sync_to_async": hop_to_sync,
         "capture": capture,
         "engine_hop": engine_hop,
-        "select1_engine_pool": select1_engine_pool,
-        "select1_sync": select1_sync,
-        "select1_engine_direct": select1_engine_direct,
-        "select1_sync_direct": select1_sync_direct,
+        "select1_engine_pool": timed_on_engine(select1_on_pool),
+        "select1_sync": blocking(sync_connection),
+        "select1_engine_direct": timed_on_engine(select1_direct),
+        "select1_sync_direct": blocking(sync_direct),
     }
     return sides, close
+
+
+async def _select1(connection: Any) -> None:
+    cursor = await connection.execute("SELECT 1")
+    await cursor.fetchall()
 
 
 async def _timed_on_loop(call: Callable[[], Awaitable[Any]]) -> float:
