@@ -7,6 +7,7 @@ check (:mod:`.checks`) reports them when ``"async_prefetch"`` is installed, and
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -320,10 +321,27 @@ def read_config() -> tuple[EngineConfig | None, list[ConfigError]]:
     return config, []
 
 
+#: The last valid setting :func:`load_config` read (a copy) and its config.
+_loaded: tuple[Any, EngineConfig] | None = None
+
+
 def load_config() -> EngineConfig:
     """:func:`read_config`'s config; ``ImproperlyConfigured`` listing its errors, in the
-    form ``manage.py check`` prints them, when there are any."""
+    form ``manage.py check`` prints them, when there are any.
+
+    Read again only when ``settings.ASYNC_PREFETCH`` differs from (is not equal to) the
+    setting of the last config returned: ``override_settings`` and changes made to the
+    setting in place both take effect on the next call."""
+    global _loaded
+    raw = getattr(settings, "ASYNC_PREFETCH", {})
+    loaded = _loaded
+    if loaded is not None and type(raw) is type(loaded[0]) and raw == loaded[0]:
+        return loaded[1]
     config, errors = read_config()
     if config is None:
         raise ImproperlyConfigured("\n".join(map(str, errors)))
+    try:
+        _loaded = (copy.deepcopy(raw), config)
+    except Exception:  # a value that cannot be copied: read it every time
+        _loaded = None
     return config

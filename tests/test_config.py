@@ -50,3 +50,17 @@ def test_bad_values_raise(settings: Settings, value: object, message: str) -> No
     settings.ASYNC_PREFETCH = value
     with pytest.raises(ImproperlyConfigured, match=message):
         load_config()
+
+
+def test_a_setting_changed_in_place_or_back_is_read_again(settings: Settings) -> None:
+    """The config is kept between calls, but never past a change to the setting."""
+    settings.ASYNC_PREFETCH = {"POOL": {"MAX_SIZE": 3}}
+    first = load_config()
+    assert load_config() is first  # unchanged: not read again
+    settings.ASYNC_PREFETCH["POOL"]["MAX_SIZE"] = 5  # in place, nested
+    assert load_config().pool.max_size == 5
+    settings.ASYNC_PREFETCH["MAX_CONCURRENCY"] = 0
+    with pytest.raises(ImproperlyConfigured, match="MAX_CONCURRENCY"):
+        load_config()
+    settings.ASYNC_PREFETCH = {"POOL": {"MAX_SIZE": 3}}
+    assert load_config() == first

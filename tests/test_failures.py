@@ -14,7 +14,7 @@ from django.db.models import Prefetch, prefetch_related_objects
 
 import async_prefetch
 from async_prefetch import _compat
-from async_prefetch.execution import PoolExecutor
+from async_prefetch.execution import PoolExecutor, new_limiter
 from async_prefetch.execution.pools import get_pool
 from async_prefetch.runtime import bridge
 from async_prefetch.runtime.errors import primary_error
@@ -172,7 +172,7 @@ async def test_cancelled_fetch_returns_its_connection_while_the_pool_is_busy() -
 
     async def scenario() -> int:
         pool = await get_pool(compiled.alias)
-        executor = PoolExecutor(compiled.alias, anyio.CapacityLimiter(1), None)
+        executor = PoolExecutor(compiled.alias, new_limiter(1), None)
         locked, release = anyio.Event(), anyio.Event()
         returned_after_release: list[bool] = []
 

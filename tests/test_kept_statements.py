@@ -145,13 +145,53 @@ def test_the_least_recently_used_statement_goes_first() -> None:
     assert kept.find(keys[2], values[:1]) is None  # one key: Django's IN, not the array
 
 
-def test_a_compile_of_another_shape_is_not_kept() -> None:
-    """Only the array condition alone, its array the only parameter, is kept."""
+def test_one_key_is_kept_as_djangos_in_list_of_one() -> None:
+    """One distinct key is Django's ``IN (%s)``: a second form of the statement, bound to
+    another single key (also given twice); several keys need the array form."""
     seed_bookstore(n_books=6)
     books = list(Book.objects.order_by("pk"))
     kept = statements.StatementCache()
-    single = _compiled(Book, "pages", books[:1])  # one key: Django's IN (%s)
-    kept.keep(("test", "single", "default"), single)
+    key = ("test", "pages", "default")
+    single = _compiled(Book, "pages", books[:1])
+    assert single.sql is not None
+    assert "IN (%s)" in single.sql
+    kept.keep(key, single)
+    assert len(kept) == 1
+    other = _compiled(Book, "pages", books[3:4])
+    for values in ([books[3].pk], [books[3].pk, books[3].pk]):
+        found = kept.find(key, values)
+        assert found is not None
+        assert (found.sql, found.params) == (other.sql, other.params)
+    assert kept.find(key, [book.pk for book in books]) is None  # no array form kept yet
+    kept.keep(key, _compiled(Book, "pages", books))
+    assert kept.find(key, [book.pk for book in books]) is not None
+    assert kept.find(key, [books[2].pk]) is not None  # both forms under one key
+    assert len(kept) == 1
+
+
+def test_a_single_parent_reuses_the_kept_statement(compiles: list[str]) -> None:
+    """A detail view's prefetch (one parent) compiles its relations once, as a list's does."""
+    seed_bookstore(n_books=8)
+    lookups = ("pages", "authors")
+    pks = list(Book.objects.order_by("pk").values_list("pk", flat=True))
+    async_prefetch.prefetch(Book.objects.filter(pk=pks[0]), *lookups)
+    compiles.clear()
+    statements.VERIFY = False  # VERIFY would compile again to compare
+    try:
+        ours = async_prefetch.prefetch(Book.objects.filter(pk=pks[5]), *lookups)
+    finally:
+        statements.VERIFY = True
+    assert compiles == ["Book"]  # the root only
+    expected = list(Book.objects.filter(pk=pks[5]).prefetch_related(*lookups))
+    assert snapshot(ours, lookups) == snapshot(expected, lookups)
+
+
+def test_a_compile_of_another_shape_is_not_kept() -> None:
+    """Only the array condition alone, its array the only parameter (or one key's
+    ``IN (%s)``, its key the only one), is kept."""
+    seed_bookstore(n_books=6)
+    books = list(Book.objects.order_by("pk"))
+    kept = statements.StatementCache()
     filtered = _compiled(Book, "pages", books)
     filtered.queryset.query.add_q(Q(number__gt=1))  # a second condition
     kept.keep(("test", "two conditions", "default"), filtered)

@@ -19,7 +19,7 @@ import pytest
 from django.db import OperationalError, connections
 
 from async_prefetch.devtools.embedded import RunningServer, find_postgres_bindir, start_server
-from async_prefetch.execution import PoolExecutor
+from async_prefetch.execution import PoolExecutor, new_limiter
 from async_prefetch.execution.pools import close_pools, get_pool, pool_stats
 from async_prefetch.runtime import bridge
 from async_prefetch.sql.compiler import compile_queryset
@@ -176,7 +176,7 @@ def test_busy_pool_refused_extra_connections_waits(
         # The pool's one allowed connection is open before the queries start: a refused
         # attempt that raced the first one ever made would find no connection at all.
         await (await get_pool(alias)).wait()
-        executor = PoolExecutor(alias, anyio.CapacityLimiter(2), None)
+        executor = PoolExecutor(alias, new_limiter(2), None)
 
         async def consume(rows: Any) -> None:
             finished.extend(rows)

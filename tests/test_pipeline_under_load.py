@@ -28,6 +28,7 @@ from async_prefetch.execution import (
     PoolExecutor,
     UnderLoadExecutor,
     executor_for,
+    new_limiter,
 )
 from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
@@ -170,7 +171,7 @@ def test_a_cancelled_call_stops_its_pipelines_in_the_server(pipelines_sent: list
 
 
 def test_pipeline_false_keeps_one_connection_per_query(settings: Any) -> None:
-    limiter = anyio.CapacityLimiter(1)
+    limiter = new_limiter(1)
     settings.ASYNC_PREFETCH = {}
     chosen = executor_for("default", None, limiter, caller_connections=False)
     assert isinstance(chosen, UnderLoadExecutor)

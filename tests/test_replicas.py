@@ -24,7 +24,7 @@ from pytest_django.fixtures import Settings
 
 import async_prefetch
 from async_prefetch.devtools.embedded import get_server
-from async_prefetch.execution import executor_for
+from async_prefetch.execution import executor_for, new_limiter
 from async_prefetch.execution.replicas import CHECK_INTERVAL, LAG_SQL, forget_replicas
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
@@ -301,9 +301,7 @@ def test_replicas_of_a_database_that_is_not_postgresql(
         extra_databases({"sqlite": sqlite}),
         pytest.raises(ImproperlyConfigured, match="'sqlite'"),
     ):
-        executor_for(
-            "default", connections["default"], anyio.CapacityLimiter(1), caller_connections=False
-        )
+        executor_for("default", connections["default"], new_limiter(1), caller_connections=False)
 
 
 def test_replicas_replay_the_primarys_writes(replicas: dict[str, Replica], spread: None) -> None:

@@ -17,7 +17,6 @@ pool, every one importing the snapshot the call's first query exported.
 
 from __future__ import annotations
 
-import anyio
 import psycopg
 from django.core.exceptions import ImproperlyConfigured
 from django.db import NotSupportedError, connections
@@ -26,7 +25,16 @@ from django.db.transaction import TransactionManagementError
 from psycopg import IsolationLevel
 
 from ..config import EngineConfig, load_config
-from .base import BATCH_ROWS, Executor, RowConsumer, Rows, Scope, as_django_error
+from .base import (
+    BATCH_ROWS,
+    Executor,
+    Limiter,
+    RowConsumer,
+    Rows,
+    Scope,
+    as_django_error,
+    new_limiter,
+)
 from .caller import CallerConnectionExecutor
 from .pipeline import CallerPipelineExecutor, PooledPipelineExecutor, pipeline_supported
 from .pool import PoolExecutor
@@ -39,6 +47,7 @@ __all__ = [
     "CallerConnectionExecutor",
     "CallerPipelineExecutor",
     "Executor",
+    "Limiter",
     "PoolExecutor",
     "PooledPipelineExecutor",
     "ReplicaExecutor",
@@ -49,13 +58,14 @@ __all__ = [
     "UnderLoadExecutor",
     "as_django_error",
     "executor_for",
+    "new_limiter",
 ]
 
 
 def executor_for(
     alias: str,
     connection: BaseDatabaseWrapper | None,
-    limiter: anyio.CapacityLimiter,
+    limiter: Limiter,
     *,
     caller_connections: bool,
     config: EngineConfig | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import anyio
 import psycopg
 from django.db import utils as django_db_utils
 from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE
@@ -19,6 +20,16 @@ RowConsumer = Callable[[Rows], Awaitable[None]]
 
 #: Rows converted from a result per batch: as many as Django's iterator reads at once.
 BATCH_ROWS = GET_ITERATOR_CHUNK_SIZE
+
+Limiter = anyio.Semaphore
+"""At most so many queries of a call at once (:func:`new_limiter`)."""
+
+
+def new_limiter(queries: int) -> Limiter:
+    """A call's limit of ``queries`` at once: first come, first served; taking a free
+    slot does not yield to the event loop (it still raises a pending cancellation), so a
+    query that need not wait is sent in the same scheduling step that asked for it."""
+    return anyio.Semaphore(queries, fast_acquire=True)
 
 
 _DJANGO_ERRORS = (

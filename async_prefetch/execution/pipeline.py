@@ -34,7 +34,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
-from .base import BATCH_ROWS, RowConsumer, Rows, as_django_error
+from .base import BATCH_ROWS, Limiter, RowConsumer, Rows, as_django_error
 from .caller_thread import on_caller_thread
 from .pool import PoolExecutor, stoppable
 from .pools import acquire, get_pool
@@ -280,7 +280,7 @@ class PooledPipelineExecutor(PoolExecutor):
     def __init__(
         self,
         alias: str,
-        limiter: anyio.CapacityLimiter,
+        limiter: Limiter,
         log_connection: BaseDatabaseWrapper | None,
         *,
         consistent: bool,

@@ -23,7 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
-from .base import BATCH_ROWS, RowConsumer, as_django_error
+from .base import BATCH_ROWS, Limiter, RowConsumer, as_django_error
 from .pools import acquire, connection_kwargs, get_pool
 from .querylog import record_query, wants_log
 
@@ -51,7 +51,7 @@ class PoolExecutor:
     def __init__(
         self,
         alias: str,
-        limiter: anyio.CapacityLimiter,
+        limiter: Limiter,
         log_connection: BaseDatabaseWrapper | None,
     ) -> None:
         self._alias = alias

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from typing import Any, Self
 
 import anyio
@@ -74,11 +75,24 @@ class PoolHealth:
             for task in self._getconns:
                 task.cancel()
 
-    async def getconn(self, pool: AsyncConnectionPool[Any]) -> AsyncConnection[Any]:
+    async def getconn(
+        self, pool: AsyncConnectionPool[Any], started: Callable[[], None] | None = None
+    ) -> AsyncConnection[Any]:
         """``pool.getconn()``, or Django's ``OperationalError`` (caused by the connection
-        attempt's psycopg error) as soon as the pool cannot connect at all."""
+        attempt's psycopg error) as soon as the pool cannot connect at all.
+
+        ``started`` is called when ``pool.getconn()`` starts (in its own task), in the
+        same scheduling step as the pool takes an idle connection or queues the request:
+        from then on the pool's statistics count the request."""
         self._raise_unreachable()
-        task: asyncio.Task[AsyncConnection[Any]] = asyncio.ensure_future(pool.getconn())
+
+        async def getconn() -> AsyncConnection[Any]:
+            if started is not None:
+                started()
+            conn: AsyncConnection[Any] = await pool.getconn()
+            return conn
+
+        task: asyncio.Task[AsyncConnection[Any]] = asyncio.ensure_future(getconn())
         self._getconns.add(task)
         try:
             return await task

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,9 +153,12 @@ async def get_pool(alias: str) -> AsyncConnectionPool[Any]:
     return entry.pool
 
 
-async def acquire(pool: AsyncConnectionPool[Any]) -> AsyncConnection[Any]:
+async def acquire(
+    pool: AsyncConnectionPool[Any], started: Callable[[], None] | None = None
+) -> AsyncConnection[Any]:
     """A live connection from ``pool`` (one of :func:`get_pool`'s) for one query; return it
-    with ``pool.putconn()``.
+    with ``pool.putconn()``. ``started`` is called once the pool counts the request in its
+    statistics (:meth:`.PoolHealth.getconn`).
 
     Raises Django's ``OperationalError``, caused by psycopg's, without waiting for the
     pool's timeout when the pool cannot connect at all. Idle connections the server has
@@ -162,7 +166,7 @@ async def acquire(pool: AsyncConnectionPool[Any]) -> AsyncConnection[Any]:
     """
     health = _health[pool]
     while True:
-        conn = await health.getconn(pool)
+        conn = await health.getconn(pool, started)
         if not closed_by_server(conn):
             return conn
         with anyio.CancelScope(shield=True):

@@ -35,7 +35,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
-from .base import RowConsumer
+from .base import Limiter, RowConsumer
 from .pool import PoolExecutor
 from .pool_health import unreachable_error
 from .pools import acquire, get_pool
@@ -114,7 +114,7 @@ class ReplicaExecutor:
         self,
         alias: str,
         replicas: Sequence[str],
-        limiter: anyio.CapacityLimiter,
+        limiter: Limiter,
         log_connection: BaseDatabaseWrapper | None,
         *,
         max_lag: float | None,

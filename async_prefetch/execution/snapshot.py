@@ -25,7 +25,7 @@ from psycopg import sql as pg_sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
-from .base import RowConsumer, as_django_error
+from .base import Limiter, RowConsumer, as_django_error
 from .pool import PoolExecutor, stoppable
 from .pools import acquire, get_pool
 from .transactions import (
@@ -49,7 +49,7 @@ class SnapshotExecutor(PoolExecutor):
     def __init__(
         self,
         alias: str,
-        limiter: anyio.CapacityLimiter,
+        limiter: Limiter,
         log_connection: BaseDatabaseWrapper | None,
         *,
         snapshot: str | None = None,

@@ -15,16 +15,15 @@ import contextvars
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import psycopg
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg_pool import AsyncConnectionPool
 
 from ..sql.compiler import CompiledQuery
-from .base import RowConsumer
+from .base import Limiter, RowConsumer
 from .pipeline import PooledPipelineExecutor, until_quiet
 from .pool import PoolExecutor
-from .pools import Promise, spare_connections
+from .pools import Promise, acquire, spare_connections
 
 #: The promise of the direct query running in the current task (see ``_checkout``).
 _promise: contextvars.ContextVar[Promise | None] = contextvars.ContextVar(
@@ -60,7 +59,7 @@ class UnderLoadExecutor(PoolExecutor):
     def __init__(
         self,
         alias: str,
-        limiter: anyio.CapacityLimiter,
+        limiter: Limiter,
         log_connection: BaseDatabaseWrapper | None,
     ) -> None:
         super().__init__(alias, limiter, log_connection)
@@ -96,10 +95,13 @@ class UnderLoadExecutor(PoolExecutor):
             _promise.reset(token)
 
     async def _checkout(self, pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+        # The promise ends when the pool counts the request: idle connections taken, or
+        # a client waiting. Ended later, a connection the pool has handed over but the
+        # query has not received yet would count twice.
+        promise = _promise.get()
         try:
-            return await super()._checkout(pool)
+            return await acquire(pool, promise.kept if promise is not None else None)
         finally:
-            promise = _promise.get()
             if promise is not None:
                 promise.kept()
 

@@ -91,7 +91,7 @@ def kept_statement(
     if only_queryset(querysets) is not None or not plain_default_queryset(manager):
         return None, None
     values = _key_values(queryset, targets, instances)
-    if values is None or len(values) < 2 or not plain_values(values):
+    if not values or not plain_values(values):
         return None, None
     key = (kind, field, queryset.model, path, queryset.db)
     statement = kept.statements.find(key, values)

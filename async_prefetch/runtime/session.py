@@ -25,7 +25,7 @@ from psycopg import sql as pg_sql
 
 from ..access.modes import PrefetchMode
 from ..config import EngineConfig, load_config
-from ..execution import Executor, Rows, executor_for
+from ..execution import Executor, Rows, executor_for, new_limiter
 from ..execution.caller_thread import on_caller_thread
 from ..execution.querylog import instrumented_like
 from ..hydration.rows import row_builder
@@ -137,7 +137,7 @@ class Session:
         self.memos: dict[type[Model], Memo] = memos_by_model(memo)
         self.trace = caller.trace
         self.config: EngineConfig = load_config()
-        self.limiter = anyio.CapacityLimiter(self.config.max_concurrency)
+        self.limiter = new_limiter(self.config.max_concurrency)
         self.journal = Journal()
         #: Snapshot ids (``pg_export_snapshot()``) by alias that a ``consistent`` call's
         #: queries import, each exported by a transaction that stays open while the call

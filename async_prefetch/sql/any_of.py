@@ -54,6 +54,31 @@ def array_parameter(lookup: In, rhs: Any, connection: Any) -> tuple[list[Any], s
     list is rendered instead (another backend, one distinct value, an expression).
     Raises ``EmptyResultSet`` when no value is left once ``None`` is dropped, as
     Django's ``IN`` does."""
+    values = _distinct_values(lookup, rhs, connection)
+    if values is None or len(values) == 1:
+        return None
+    params = _db_values(lookup, values, connection)
+    if params is None:
+        return None
+    return params, _integer_array_cast(lookup.lhs.output_field, params, connection)
+
+
+def single_parameter(lookup: In, rhs: Any, connection: Any) -> list[Any] | None:
+    """The parameters of the ``IN (%s)`` that :class:`AnyOf` renders, as Django's ``IN``
+    does, when ``rhs`` (its prepared values) holds one distinct value besides ``None``: a
+    list of that one value as the field prepares it for the database; ``None`` where
+    :func:`array_parameter` applies or Django's own rendering may differ. Raises
+    ``EmptyResultSet`` as :func:`array_parameter` does."""
+    values = _distinct_values(lookup, rhs, connection)
+    if values is None or len(values) != 1:
+        return None
+    return _db_values(lookup, values, connection)
+
+
+def _distinct_values(lookup: In, rhs: Any, connection: Any) -> OrderedSet[Any] | None:
+    """``rhs``'s distinct values without ``None``, as ``In.process_rhs()`` takes them;
+    ``None`` where :class:`AnyOf` leaves the rendering to Django (another backend, an
+    expression, a transform on the values)."""
     if connection.vendor != "postgresql" or not lookup.rhs_is_direct_value():
         return None
     try:
@@ -63,20 +88,23 @@ def array_parameter(lookup: In, rhs: Any, connection: Any) -> tuple[list[Any], s
     values.discard(None)
     if not values:
         raise EmptyResultSet
-    if len(values) == 1 or lookup.bilateral_transforms or not _plain(values):
+    if lookup.bilateral_transforms or not _plain(values):
         return None
-    # FieldGetDbPrepValueMixin.get_db_prep_lookup(), without the per-value
-    # expression plumbing of batch_process_rhs() (none of the values is one).
+    return values
+
+
+def _db_values(lookup: In, values: Iterable[Any], connection: Any) -> list[Any] | None:
+    """``values`` prepared for the database as ``FieldGetDbPrepValueMixin.
+    get_db_prep_lookup()`` prepares them, without the per-value expression plumbing of
+    ``batch_process_rhs()`` (none of them is one); ``None`` when the field returned
+    something Django would compile as an expression."""
     output_field = lookup.lhs.output_field
     field = getattr(output_field, "target_field", None)
     prepare = getattr(field, "get_db_prep_value", None) or output_field.get_db_prep_value
     if getattr(prepare, "__func__", None) in _PREPARED_AS_IS:
-        params = list(values)
-    else:
-        params = [prepare(value, connection, prepared=True) for value in values]
-        if not _plain(params):  # Django would compile an expression the field returned
-            return None
-    return params, _integer_array_cast(output_field, params, connection)
+        return list(values)
+    params = [prepare(value, connection, prepared=True) for value in values]
+    return params if _plain(params) else None
 
 
 class _ArraySQL(str):

@@ -11,8 +11,10 @@ parameter is the array. The first call compiles it with Django's compiler and ke
 instances with that compiler's row layout (:meth:`StatementCache.find`), without Django's
 filter and compiler.
 
-A statement is kept only when the compiled query has exactly that shape; anything else
-(another backend, one distinct key, expressions) is compiled by Django every time. Setting
+One distinct key is Django's ``IN (%s)`` (PostgreSQL plans it as ``= value``), kept as a
+second form of the same statement, its one parameter the key as the field prepares it.
+A statement is kept only when the compiled query has exactly one of those shapes; anything
+else (another backend, expressions, other conditions) is compiled by Django every time. Setting
 :data:`VERIFY` (the test suite does) compiles every reused statement again and raises
 ``AssertionError`` when it differs from Django's.
 """
@@ -30,7 +32,7 @@ from django.db import connections
 from django.db.models.sql.compiler import SQLCompiler
 from django.db.models.sql.where import WhereNode
 
-from .any_of import AnyOf, array_parameter, prepared
+from .any_of import AnyOf, array_parameter, prepared, single_parameter
 from .compiler import CompiledQuery
 
 #: Compile every reused statement again and compare (tests).
@@ -64,7 +66,11 @@ class Statement:
 class _Entry:
     lookup: AnyOf  # on the condition's column, without values: prepares the next ones
     compiler: SQLCompiler  # its query without conditions: row layout only
-    sql_by_cast: dict[str, str]
+    sql_by_cast: dict[str, str]  # by the array's cast, and _ONE_KEY: one key's IN (%s)
+
+
+#: :attr:`_Entry.sql_by_cast`'s key for the SQL of one distinct parent key.
+_ONE_KEY = "IN (%s)"
 
 
 class StatementCache:
@@ -93,10 +99,13 @@ class StatementCache:
         lookup = entry.lookup
         connection = connections[str(key[-1])]
         try:
-            array = array_parameter(lookup, prepared(lookup, values), connection)
+            values = prepared(lookup, values)
+            array = array_parameter(lookup, values, connection)
+            if array is None:
+                one = single_parameter(lookup, values, connection)
+                sql = entry.sql_by_cast.get(_ONE_KEY) if one is not None else None
+                return None if sql is None else Statement(entry.compiler, sql, tuple(one or ()))
         except Exception:  # e.g. EmptyResultSet, a value the field rejects: Django decides
-            return None
-        if array is None:
             return None
         params, array_cast = array
         sql = entry.sql_by_cast.get(array_cast)
@@ -106,19 +115,25 @@ class StatementCache:
 
     def keep(self, key: Key, compiled: CompiledQuery) -> None:
         """Keep ``compiled`` (Django's compile of the relation's filtered queryset) under
-        ``key`` when it has the one shape :meth:`find` reproduces: the array condition
-        last and its array the only parameter."""
+        ``key`` when it has a shape :meth:`find` reproduces: the array condition alone and
+        its array the only parameter, or one key's ``IN (%s)`` and that key the only one."""
         if compiled.sql is None or compiled.alias != key[-1]:
             return
         where = compiled.queryset.query.where
         condition = where.children[-1] if len(where.children) == 1 else None
         if not isinstance(condition, AnyOf):
             return
+        connection = connections[compiled.alias]
         try:
-            array = array_parameter(condition, condition.rhs, connections[compiled.alias])
+            array = array_parameter(condition, condition.rhs, connection)
+            one = single_parameter(condition, condition.rhs, connection) if array is None else None
         except Exception:
             return
-        if array is None or compiled.params != (array[0],):
+        if array is not None and compiled.params == (array[0],):
+            form = array[1]
+        elif one is not None and compiled.params == tuple(one):
+            form = _ONE_KEY
+        else:
             return
         lookup = AnyOf(condition.lhs, [])  # prepares values as the condition does
         with self._lock:
@@ -132,7 +147,7 @@ class StatementCache:
                 entry = self._entries[key] = _Entry(lookup, layout, {})
                 while len(self._entries) > self._size:
                     self._entries.popitem(last=False)
-            entry.sql_by_cast[array[1]] = compiled.sql
+            entry.sql_by_cast[form] = compiled.sql
 
 
 #: The process's kept statements.

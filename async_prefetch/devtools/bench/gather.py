@@ -16,6 +16,10 @@ each round, each run from the same event loop:
   querysets' lookups (the package does not prefetch), in ``sync_to_async`` as an async view
   calls sync code; only when the package is installed (it always queries the ``default``
   database: the bench points that name at the proxied alias for the side's duration);
+- ``floor_queries``: the engine's own SQL and parameters for the call (recorded once), the
+  five root queries at once on five psycopg connections, then the two relation queries at
+  once, rows read as tuples, through the same proxy (:class:`QueryFloor`): the I/O floor of
+  these queries at one round trip per stage;
 - ``floor``: ``STAGES`` sequential ``SELECT 1`` round trips on one psycopg connection
   through the same proxy: one round trip per stage (the root queries, then the prefetches).
 
@@ -61,6 +65,7 @@ GATHER_SIDES = (
     "agather_pipeline",
     "pool_terminals",
     "single_query_fetch",
+    "floor_queries",
     "floor",
 )
 ATOMIC_WORKLOADS = ("chain", "fanout-100")
@@ -252,23 +257,28 @@ def single_query_fetch(alias: str, targets: Targets) -> list[Any]:
     return results
 
 
+def _connect_kwargs(alias: str) -> dict[str, Any]:
+    """psycopg's ``connect()`` arguments for ``alias``'s ``DATABASES`` entry (its proxy)."""
+    from django.conf import settings
+
+    entry = settings.DATABASES[alias]
+    return {
+        "dbname": entry["NAME"],
+        "user": entry["USER"],
+        "password": entry.get("PASSWORD") or None,
+        "host": entry.get("HOST") or None,
+        "port": entry.get("PORT") or None,
+    }
+
+
 class Floor:
     """One psycopg connection to ``alias``'s server through its proxy (Django's
     ``DATABASES`` entry); :meth:`run` sends ``n`` ``SELECT 1`` one after another."""
 
     def __init__(self, alias: str) -> None:
         import psycopg
-        from django.conf import settings
 
-        entry = settings.DATABASES[alias]
-        self.connection = psycopg.connect(
-            dbname=entry["NAME"],
-            user=entry["USER"],
-            password=entry.get("PASSWORD") or None,
-            host=entry.get("HOST") or None,
-            port=entry.get("PORT") or None,
-            autocommit=True,
-        )
+        self.connection = psycopg.connect(**_connect_kwargs(alias), autocommit=True)
 
     def run(self, n: int = STAGES) -> int:
         for _ in range(n):
@@ -277,6 +287,68 @@ class Floor:
 
     def close(self) -> None:
         self.connection.close()
+
+
+class QueryFloor:
+    """The I/O of one ``agather`` call without the engine: the SQL and parameters the
+    engine sent (recorded from a traced call), the root queries at once on connections of
+    their own, then the relation queries at once, each result read into tuples with
+    psycopg on the caller's loop, through the same proxy. What any evaluation of these
+    queries with one round trip per stage waits for, building no instances."""
+
+    def __init__(self, alias: str, stages: list[list[tuple[str, Any]]]) -> None:
+        self.alias = alias
+        self.stages = stages
+        self.connections: list[Any] = []
+
+    @classmethod
+    async def record(cls, alias: str, targets: Targets) -> QueryFloor:
+        """The stages of ``agather``'s queries for ``targets`` (roots, then relations)."""
+        from async_prefetch import tracing
+        from async_prefetch.runtime.trace import ROOT_KEY
+
+        with tracing() as trace:
+            await gather_engine(alias, targets)
+        stages: list[list[tuple[str, Any]]] = [[], []]
+        for step in trace.steps:
+            if step.kind == "query" and step.sql is not None:
+                stages[step.key != ROOT_KEY].append((step.sql, step.params))
+        return cls(alias, stages)
+
+    async def open(self) -> None:
+        import psycopg
+        from psycopg import AsyncClientCursor
+
+        for _ in range(max(map(len, self.stages))):
+            self.connections.append(
+                await psycopg.AsyncConnection.connect(
+                    **_connect_kwargs(self.alias),
+                    autocommit=True,
+                    cursor_factory=AsyncClientCursor,  # the engine's binding (Django's)
+                )
+            )
+
+    async def run(self) -> int:
+        rows = 0
+        for stage in self.stages:
+            results = await asyncio.gather(
+                *(
+                    self._rows(conn, sql, params)
+                    for conn, (sql, params) in zip(self.connections, stage, strict=False)
+                )
+            )
+            rows += sum(map(len, results))
+        return rows
+
+    @staticmethod
+    async def _rows(conn: Any, sql: str, params: Any) -> list[Any]:
+        cursor = await conn.execute(sql, params)
+        rows: list[Any] = await cursor.fetchall()
+        return rows
+
+    async def close(self) -> None:
+        for conn in self.connections:
+            await conn.close()
 
 
 async def _timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
@@ -305,19 +377,22 @@ def bench_gather(alias: str, runs: int, runner: asyncio.Runner) -> dict[str, lis
     if single_query_fetch_available():
         calls["single_query_fetch"] = lambda: sync_to_async(single_query_fetch)(alias, targets)
     floor = Floor(alias)
+    queries = runner.run(QueryFloor.record(alias, targets))
+    runner.run(queries.open())
     try:
 
         async def run_floor() -> int:
             return floor.run()
 
         calls["floor"] = run_floor
+        calls["floor_queries"] = queries.run
         sides = [side for side in GATHER_SIDES if side in calls]
         _, reference = runner.run(_timed(calls["django"]))
         expected = digest(reference)
         del reference
 
         def check(side: str, result: Any, when: str) -> None:
-            if side == "floor":
+            if side.startswith("floor"):
                 return
             got = digest(result)
             if got != expected:
@@ -339,6 +414,7 @@ def bench_gather(alias: str, runs: int, runner: asyncio.Runner) -> dict[str, lis
                 del result
     finally:
         floor.close()
+        runner.run(queries.close())
     return times
 
 
@@ -441,12 +517,18 @@ def gather_table(results: dict[float, dict[str, float]]) -> str:
     """Markdown: the ``gather`` medians per RTT, and the ratios of the targets."""
     sides = [s for s in GATHER_SIDES if any(s in r for r in results.values())]
     header = ["RTT ms", *[f"{s} ms" for s in sides]]
-    header += ["agather / floor", "django / agather", "pool_terminals / floor"]
+    header += [
+        "agather / floor",
+        "agather / floor_queries",
+        "django / agather",
+        "pool_terminals / floor",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     for rtt, med in results.items():
         cells = [f"{rtt:g}", *[f"{med[s]:.1f}" if s in med else "-" for s in sides]]
         cells += [
             fmt_ratio(med.get("agather"), med.get("floor")),
+            fmt_ratio(med.get("agather"), med.get("floor_queries")),
             fmt_ratio(med.get("django"), med.get("agather")),
             fmt_ratio(med.get("pool_terminals"), med.get("floor")),
         ]
@@ -485,6 +567,13 @@ def verdicts(results: Results) -> list[str]:
             lines.append(
                 f"  Fastest runs: {best['agather'] / best['floor']:.2f}x "
                 f"({best['agather']:.1f} ms / {best['floor']:.1f} ms)."
+            )
+        if five.get("floor_queries"):
+            lines.append(
+                f"  The call's own queries at one round trip per stage, building nothing "
+                f"(`floor_queries`), take {five['floor_queries']:.1f} ms, "
+                f"{five['floor_queries'] / five['floor']:.2f}x the floor: `agather` is "
+                f"{five['agather'] / five['floor_queries']:.2f}x that."
             )
         zero = results.gather.get(0.0)
         if zero:
@@ -551,6 +640,10 @@ def markdown(results: Results, facts: dict[str, Any], command: str, wall: float,
             "stage in one pipeline);",
             "- `pool_terminals`: `asyncio.gather` of `PoolQuerySet`'s `aget()` and `async for`;",
             f"- `single_query_fetch`: {sqf};",
+            "- `floor_queries`: the call's own SQL and parameters (recorded from the engine), "
+            "the five root queries at once on five psycopg connections, then the two relation "
+            "queries at once, rows read as tuples, through the same proxy: these queries' I/O "
+            "at one round trip per stage;",
             f"- `floor`: {STAGES} sequential `SELECT 1` on one psycopg connection through the "
             "same proxy: one round trip per stage (the roots, then the prefetches).",
             "",
