@@ -22,7 +22,7 @@ from async_prefetch.relations import build_relation_query
 from async_prefetch.relations.base import ValueKey, key_values
 from async_prefetch.sql.compiler import compile_queryset
 from tests.conftest import Bookstore
-from tests.testapp.models import Author, Book, EBook, Tag
+from tests.testapp.models import Author, Book, BookProfile, EBook, Edition, Tag, Tagging
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,6 +78,40 @@ def test_keys_group_as_djangos(
     assert len(ours) == len(theirs)
     for obj, key in zip(related, keys, strict=True):
         assert isinstance(key, tuple) is not scalar
+        assert ours[key] is theirs[django_rel_key(obj)]
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        (Author, "location"),  # nullable: one author has none
+        (Book, "publisher"),
+        (Edition, "book"),  # to_field isbn: the stored string itself
+        (Tagging, "tag"),  # to_field name
+        (BookProfile, "book"),  # forward one-to-one
+    ],
+)
+def test_forward_keys_group_as_djangos(
+    bookstore: Bookstore, monkeypatch: pytest.MonkeyPatch, model: type[Model], name: str
+) -> None:
+    """A forward relation matches the parents' key value with the related object's, as
+    Django's one-value tuples do, without Django's per-object key functions."""
+    parents = list(model._default_manager.order_by("pk"))
+    descriptor = getattr(model, name)
+    relation = build_relation_query(descriptor, descriptor, parents, None)
+    assert relation is not None
+    related = row_builder(compile_queryset(relation.queryset))(_rows(relation.queryset))
+    _, django_rel_key, django_parent_key = descriptor.get_prefetch_querysets(parents, None)[:3]
+    django_calls = count_django_key_work(monkeypatch)
+    ours = dict(zip(key_values(relation.instance_attr, parents), parents, strict=True))
+    keys = key_values(relation.rel_obj_attr, related)
+    assert keys == [relation.rel_obj_attr(obj) for obj in related]
+    assert django_calls() == 0
+    monkeypatch.undo()
+    theirs = {django_parent_key(p): p for p in parents}
+    assert list(ours) == [key for (key,) in theirs]
+    assert sorted(map(str, keys)) == sorted(str(django_rel_key(obj)[0]) for obj in related)
+    for obj, key in zip(related, keys, strict=True):
         assert ours[key] is theirs[django_rel_key(obj)]
 
 

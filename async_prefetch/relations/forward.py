@@ -13,7 +13,14 @@ from django.db.models.fields.related_descriptors import (
 from django.db.models.fields.tuple_lookups import TupleIn
 
 from ..sql.any_of import AnyOf
-from .base import RelationQuery, descriptor_queryset, linker
+from .base import (
+    RelationQuery,
+    ValueKey,
+    descriptor_queryset,
+    key_values,
+    linker,
+    match_keys,
+)
 
 
 def build(
@@ -24,16 +31,30 @@ def build(
     """Forward foreign key and forward one-to-one (``book.publisher``, ``profile.book``)."""
     fk = descriptor.field
     queryset = descriptor_queryset(descriptor, instances, querysets)
-    rel_obj_attr = fk.get_foreign_related_value
-    instance_attr = fk.get_local_related_value
-    instances_dict = {instance_attr(inst): inst for inst in instances}
+    # Django's keys are tuples of the key fields' values; one plain field on each side
+    # is matched on its value itself (the same equality), read at C speed.
+    rel_obj_attr, instance_attr = match_keys(
+        queryset.model,
+        fk.foreign_related_fields,
+        type(instances[0]),
+        fk.local_related_fields,
+        (fk.get_foreign_related_value, fk.get_local_related_value),
+    )
+    instances_dict: dict[Any, Model] = dict(
+        zip(key_values(instance_attr, instances), instances, strict=True)
+    )
     query: Any = queryset.query
     related_fields = [query.resolve_ref(f.name).target for f in fk.foreign_related_fields]
     table = queryset.model._meta.db_table
     if len(related_fields) == 1:
         # Django's one-column TupleIn is ``(col) IN ((%s), (%s), ...)``.
         column = Col(table, related_fields[0])
-        queryset = queryset.filter(AnyOf(column, [key for (key,) in instances_dict]))
+        values = (
+            list(instances_dict)
+            if type(instance_attr) is ValueKey
+            else [key for (key,) in instances_dict]
+        )
+        queryset = queryset.filter(AnyOf(column, values))
     else:
         columns = ColPairs(table, related_fields, related_fields, fk)
         queryset = queryset.filter(TupleIn(columns, list(instances_dict)))
