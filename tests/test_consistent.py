@@ -46,8 +46,8 @@ def write_after_first_read(
     writes: list[int] = []
     original = Session.fetch_instances
 
-    async def fetch_instances(self: Session, compiled: Any) -> Any:
-        instances = await original(self, compiled)
+    async def fetch_instances(self: Session, compiled: Any, *args: Any) -> Any:
+        instances = await original(self, compiled, *args)
         if not writes:
             kwargs = {**connection_kwargs("default")}
             kwargs.pop("cursor_factory")

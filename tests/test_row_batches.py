@@ -44,8 +44,8 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, int]]:
     sizes: list[tuple[Any, int]] = []
     original = row_builder
 
-    def recording(compiled: Any) -> Any:
-        build = original(compiled)
+    def recording(compiled: Any, **options: Any) -> Any:
+        build = original(compiled, **options)
         model = compiled.queryset.model
 
         def recorded(rows: Any) -> Any:

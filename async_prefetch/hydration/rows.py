@@ -24,7 +24,24 @@ Rows = Sequence[Sequence[Any]]
 RowBuilder = Callable[[Rows], list[Model]]
 
 
-def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> RowBuilder:
+@dataclass(eq=False)
+class RowLink:
+    """A reverse cache to write while the rows are built, as a reverse foreign key's
+    ``link_back`` writes it afterwards: each new instance's fields cache holds, under
+    ``cache_name``, ``parents[value]`` where ``value`` is its loaded ``attname`` (the
+    foreign key's column). :func:`row_builder` sets ``applied`` when its builder writes
+    them (the plain path, with the column loaded); otherwise they are left to
+    ``link_back``."""
+
+    attname: str
+    cache_name: str
+    parents: dict[Any, Model]
+    applied: bool = False
+
+
+def row_builder(
+    compiled: CompiledQuery, *, peers_per_batch: bool = False, link: RowLink | None = None
+) -> RowBuilder:
     """A function turning successive batches of raw rows for ``compiled`` into model
     instances, exactly as Django's ``ModelIterable`` does over the whole result.
 
@@ -32,7 +49,7 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
     selects, known related objects and fetch modes and peers (shared by every batch,
     or, with ``peers_per_batch``, the instances of each batch: a stream's chunks), in
     ``ModelIterable.__iter__``'s order. Only reads existing instances (known related
-    objects); the instances it returns are new.
+    objects); the instances it returns are new. With ``link``, see :class:`RowLink`.
     """
     assert compiled.sql is not None
     queryset = compiled.queryset
@@ -69,7 +86,13 @@ def row_builder(compiled: CompiledQuery, *, peers_per_batch: bool = False) -> Ro
 
     plain = not (track_peers or populators or annotation_col_map or known_related)
     whole_row = start == 0 and end == len(select) and col_count is None
-    build_many = fast_batch_from_db(path, init_list) if plain and path else None
+    build_many = None
+    if plain and path:
+        if link is not None and link.attname in init_list and path.fills_dict:
+            build_many = fast_batch_from_db(path, init_list, link)
+            link.applied = build_many is not None
+        if build_many is None:
+            build_many = fast_batch_from_db(path, init_list)
 
     def build(rows: Rows) -> list[Model]:
         batch: Any = rows  # results_iter() takes any iterable of rows per batch
@@ -201,15 +224,17 @@ def fast_from_db(path: FastPath) -> Callable[[str, list[str], Sequence[Any]], Mo
 
 
 def fast_batch_from_db(
-    path: FastPath, init_list: list[str]
+    path: FastPath, init_list: list[str], link: RowLink | None = None
 ) -> Callable[[str, Iterable[Sequence[Any]]], list[Model]] | None:
     """``[fast_from_db(path)(db, init_list, row) for row in rows]`` as one generated loop
     (no call per row); ``None`` for no fields, or a field name it cannot assign.
 
     Same instances, attributes assigned in the same order: ``_state`` first, then the
-    loaded fields (see :attr:`FastPath.fills_dict`).
+    loaded fields (see :attr:`FastPath.fills_dict`). With ``link`` (its ``attname`` in
+    ``init_list``), each instance's state then gets its fields cache holding its parent
+    (:class:`RowLink`); a key with no parent raises ``KeyError``, as Django's builder.
     """
-    if not init_list:
+    if not init_list or (link is not None and not path.fills_dict):
         return None
     namespace: dict[str, Any] = {
         "_new": object.__new__,
@@ -227,6 +252,11 @@ def fast_batch_from_db(
         fields = ["obj._state = state", f"{targets}, = row"]
     else:
         return None
+    linking = []
+    if link is not None:
+        namespace["_cache_name"], namespace["_parents"] = link.cache_name, link.parents
+        key = init_list.index(link.attname)
+        linking = [f"state.fields_cache = {{_cache_name: _parents[row[{key}]]}}"]
     lines = [
         "obj = _new(_model)",
         "state = _state_class()",
@@ -234,6 +264,7 @@ def fast_batch_from_db(
         "state.db = db",
         *(["state.fetch_mode = _fetch_mode"] if path.fetch_mode is not None else []),
         *fields,
+        *linking,
         "append(obj)",
     ]
     source = (

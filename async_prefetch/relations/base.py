@@ -20,7 +20,7 @@ from django.db.models import Model, QuerySet
 from django.db.models.fields.mixins import FieldCacheMixin
 from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
 
-from ..hydration.rows import PLAIN_DESCRIPTORS
+from ..hydration.rows import PLAIN_DESCRIPTORS, RowLink
 from ..sql.compiler import CompiledQuery, compile_queryset
 from ..sql.statements import Key, Statement, statements
 
@@ -46,6 +46,10 @@ class RelationQuery:
     cache_name: str
     is_descriptor: bool
     link_back: Callable[[list[Model]], list[Hashable]] | None = None
+    #: ``link_back``'s writes as the rows are built (a reverse foreign key matched on
+    #: its column): a copy per query goes to the row builder, ``link_back`` does the
+    #: rest where that does not apply.
+    row_link: RowLink | None = None
     additional_lookups: list[Any] = field(default_factory=list)
     #: Where this relation's compiled statement is kept across calls
     #: (:mod:`async_prefetch.sql.statements`), ``None`` if it is not.
@@ -122,6 +126,22 @@ def linker(
     return link_back
 
 
+def row_link(field: Any, rel_obj_attr: KeyFunc, instances_dict: dict[Any, Model]) -> RowLink | None:
+    """:func:`linker`'s writes for new instances of ``field``'s model as their rows are
+    built, when exact: Django's own field cache methods, and the key the foreign key's
+    column itself (a :class:`ValueKey` on that model)."""
+    kind = type(field)
+    if (
+        kind.is_cached is not FieldCacheMixin.is_cached
+        or kind.set_cached_value is not FieldCacheMixin.set_cached_value
+        or type(rel_obj_attr) is not ValueKey
+        or rel_obj_attr.model is not field.model
+        or rel_obj_attr.attname != field.attname
+    ):
+        return None
+    return RowLink(field.attname, field.cache_name, instances_dict)
+
+
 def match_keys(
     related_model: type[Model],
     related_fields: Sequence[Any],
@@ -170,6 +190,14 @@ class ValueKey:
         self._read = operator.attrgetter(attname)
         self._django_key = django_key
         self._ints_only = ints_only
+
+    @property
+    def model(self) -> type[Model]:
+        return self._model
+
+    @property
+    def attname(self) -> str:
+        return self._attname
 
     def __call__(self, obj: Any) -> Hashable:
         if type(obj) is self._model:

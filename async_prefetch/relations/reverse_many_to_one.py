@@ -9,7 +9,7 @@ from django.core.exceptions import FieldError
 from django.db.models import Model, QuerySet
 
 from ..hydration.queryset_template import ParentParts, QuerysetsFactory, queryset_factory
-from .base import RelationQuery, key_values, linker, match_keys
+from .base import RelationQuery, key_values, linker, match_keys, row_link
 from .parents import filter_by_parents, kept_statement, manager_queryset
 
 
@@ -50,6 +50,7 @@ def build(
         cache_name=fk.remote_field.cache_name,
         is_descriptor=False,
         link_back=link_back,
+        row_link=row_link(fk, rel_obj_attr, instances_dict),
         statement_key=key,
         statement=statement,
     )

@@ -37,6 +37,7 @@ class Part:
     compiled: CompiledQuery
     related: list[Model] | None = None  # its instances, once handed to the linking task
     step: StepTrace | None = None
+    linked: bool = False  # its reverse caches written as its rows were built (RowLink)
 
 
 @dataclass(eq=False)

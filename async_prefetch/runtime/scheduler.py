@@ -12,6 +12,7 @@ call's :class:`~.session.Session`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
@@ -348,7 +349,16 @@ class _Run:
     # -- fetching ------------------------------------------------------------------
 
     async def _fetch_part(self, fetch: Fetch, part: Part) -> None:
-        instances = await self._session.fetch_instances(part.compiled)
+        relation = part.relation
+        # The reverse caches as the rows are built, unless the queryset's own lookups
+        # must run first (Django's builder evaluated them before writing those).
+        link = relation.row_link
+        if link is not None and not relation.additional_lookups:
+            link = dataclasses.replace(link)  # this query's own (``applied``)
+        else:
+            link = None
+        instances = await self._session.fetch_instances(part.compiled, link)
+        part.linked = link is not None and link.applied
         await self._send.send((fetch, (part, instances)))
 
     async def _fetch_delegated(self, fetch: Fetch) -> None:
@@ -385,9 +395,16 @@ class _Run:
             self._mark_created(level, relation, related)
             links = [(relation, related)]
         self._fetched.add(level)
-        # The related objects' reverse caches now (its children read them), the parents'
-        # caches in Django's order.
-        keys = await self._session.sync_or_thread(link_back_keys, links)
+        # The related objects' reverse caches now (its children read them), unless
+        # written as their rows were built; the parents' caches in Django's order.
+        unlinked = (
+            [(p.relation, p.related) for p in fetch.parts if not p.linked and p.related is not None]
+            if fetch.parts
+            else links
+        )
+        keys = await self._session.sync_or_thread(link_back_keys, unlinked) if unlinked else None
+        if len(unlinked) != len(links):
+            keys = None  # the grouping reads every object's key itself
         journal = self._session.journal
         await self._fill(level, fetch.instances, fill_caches, relation, related, keys, journal)
         if fetch.step is not None and self._trace is not None:

@@ -28,7 +28,7 @@ from ..config import EngineConfig, load_config
 from ..execution import Executor, Rows, executor_for, new_limiter
 from ..execution.caller_thread import on_caller_thread
 from ..execution.querylog import instrumented_like
-from ..hydration.rows import row_builder
+from ..hydration.rows import RowLink, row_builder
 from ..sql.compiler import CompiledQuery
 from .journal import Journal
 from .memo import Memo, MemoSpec, memos_by_model
@@ -177,12 +177,15 @@ class Session:
             )
         return executor
 
-    async def fetch_instances(self, compiled: CompiledQuery) -> list[Model]:
+    async def fetch_instances(
+        self, compiled: CompiledQuery, link: RowLink | None = None
+    ) -> list[Model]:
         """Run ``compiled`` and build its instances from each batch of rows as it is
-        read: the rows of a batch are garbage before the next batch is converted."""
+        read: the rows of a batch are garbage before the next batch is converted.
+        ``link``: see :func:`~async_prefetch.hydration.rows.row_builder`."""
         if compiled.sql is None:
             return []
-        build = row_builder(compiled)
+        build = row_builder(compiled, link=link)
         instances: list[Model] = []
         # Once building needs the database (a model hook that queries), the remaining
         # rows are only kept: they are built on a worker thread after the connection is
