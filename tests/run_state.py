@@ -31,6 +31,20 @@ async def settle_pool() -> int:
     return await checked_out_now()
 
 
+async def pool_ready(alias: str = "default", idle: int = 1) -> dict[str, int]:
+    """``alias``'s pool statistics once it holds ``idle`` idle connections and is opening
+    none (at most 5 s): a timed call then waits for no connection attempt."""
+    stats: dict[str, int] = {}
+    for _ in range(250):
+        stats = pool_stats().get(alias, {})
+        if stats.get("pool_available", 0) >= idle and stats.get("pool_size", 0) == stats.get(
+            "pool_available", 0
+        ):
+            break
+        await anyio.sleep(0.02)
+    return stats
+
+
 async def discarded_connections() -> int:
     """Connections the engine's pools got back closed (``returns_bad``) so far."""
     return sum(stats.get("returns_bad", 0) for stats in pool_stats().values())

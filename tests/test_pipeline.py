@@ -27,9 +27,11 @@ from async_prefetch.config import WRONG_TYPE, read_config
 from async_prefetch.devtools.latency_proxy import LatencyProxyProcess
 from async_prefetch.execution import CallerConnectionExecutor, CallerPipelineExecutor
 from async_prefetch.gather import agather
+from async_prefetch.runtime import bridge
 from tests.cache_snapshot import assert_same_prefetch
 from tests.factories import seed_bookstore
 from tests.pipelines import batch_sizes
+from tests.run_state import pool_ready
 from tests.servers import default_through_proxy as proxied_default
 from tests.testapp.models import Author, Book, Page, Review
 
@@ -278,14 +280,17 @@ def test_round_trips_1_on_the_pool(
         return await agather(Book.objects.order_by("pk").prefetch_related(*SIBLINGS), round_trips=1)
 
     async_to_sync(gathered)()  # the pool opened
-    time.sleep(5 * RTT)
+    before = bridge.run_sync(pool_ready)  # its one connection idle, none being opened
     with CaptureQueriesContext(connection) as queries:
         started = time.perf_counter()
         (books,) = async_to_sync(gathered)()
         elapsed = time.perf_counter() - started
     assert len(queries) == 6  # every query in the caller's log
     # Two stages; six queries queueing for the one connection would take 6 RTT.
-    assert elapsed < 4.5 * RTT, f"round_trips=1 took {elapsed / RTT:.2f} round trips"
+    after = bridge.run_sync(pool_ready)
+    assert elapsed < 4.5 * RTT, (
+        f"round_trips=1 took {elapsed / RTT:.2f} round trips; pool before {before}, after {after}"
+    )
     expected = _books()
     prefetch_related_objects(expected, *SIBLINGS)
     assert_same_prefetch(expected, books, SIBLINGS)
