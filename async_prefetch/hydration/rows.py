@@ -88,7 +88,7 @@ def row_builder(
     whole_row = start == 0 and end == len(select) and col_count is None
     build_many = None
     if plain and path:
-        if link is not None and link.attname in init_list and path.fills_dict:
+        if link is not None:
             build_many = fast_batch_from_db(path, init_list, link)
             link.applied = build_many is not None
         if build_many is None:
@@ -230,11 +230,14 @@ def fast_batch_from_db(
     (no call per row); ``None`` for no fields, or a field name it cannot assign.
 
     Same instances, attributes assigned in the same order: ``_state`` first, then the
-    loaded fields (see :attr:`FastPath.fills_dict`). With ``link`` (its ``attname`` in
-    ``init_list``), each instance's state then gets its fields cache holding its parent
-    (:class:`RowLink`); a key with no parent raises ``KeyError``, as Django's builder.
+    loaded fields (see :attr:`FastPath.fills_dict`). With ``link``, each instance's state
+    then gets its fields cache holding its parent (:class:`RowLink`; a key with no parent
+    raises ``KeyError``, as Django's builder), or ``None`` when the rows do not hold its
+    ``attname`` (a foreign key's column, so a model whose fields fill ``__dict__``).
     """
-    if not init_list or (link is not None and not path.fills_dict):
+    if not init_list or (
+        link is not None and (not path.fills_dict or link.attname not in init_list)
+    ):
         return None
     namespace: dict[str, Any] = {
         "_new": object.__new__,

@@ -170,4 +170,8 @@ def build_relation_query(
     else:
         query = kind.build(descriptor, prefetcher, instances, querysets)
     query.additional_lookups = take_additional_lookups(query.queryset)
+    if query.additional_lookups:
+        # Django's builder evaluates the queryset, these lookups included, before it
+        # writes the reverse caches: not while the rows are built.
+        query.row_link = None
     return query

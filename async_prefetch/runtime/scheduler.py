@@ -349,14 +349,10 @@ class _Run:
     # -- fetching ------------------------------------------------------------------
 
     async def _fetch_part(self, fetch: Fetch, part: Part) -> None:
-        relation = part.relation
-        # The reverse caches as the rows are built, unless the queryset's own lookups
-        # must run first (Django's builder evaluated them before writing those).
-        link = relation.row_link
-        if link is not None and not relation.additional_lookups:
-            link = dataclasses.replace(link)  # this query's own (``applied``)
-        else:
-            link = None
+        # The reverse caches as the rows are built, where they can be (``applied``).
+        link = part.relation.row_link
+        if link is not None:
+            link = dataclasses.replace(link)  # this query's own
         instances = await self._session.fetch_instances(part.compiled, link)
         part.linked = link is not None and link.applied
         await self._send.send((fetch, (part, instances)))
@@ -390,18 +386,14 @@ class _Run:
                     links[0][1], relation.additional_lookups, None, outer=False
                 )
             related = [obj for _, objs in links for obj in objs]
+            unlinked = [link for link, p in zip(links, fetch.parts, strict=True) if not p.linked]
         else:
             relation, related = payload
             self._mark_created(level, relation, related)
-            links = [(relation, related)]
+            links = unlinked = [(relation, related)]
         self._fetched.add(level)
         # The related objects' reverse caches now (its children read them), unless
         # written as their rows were built; the parents' caches in Django's order.
-        unlinked = (
-            [(p.relation, p.related) for p in fetch.parts if not p.linked and p.related is not None]
-            if fetch.parts
-            else links
-        )
         keys = await self._session.sync_or_thread(link_back_keys, unlinked) if unlinked else None
         if len(unlinked) != len(links):
             keys = None  # the grouping reads every object's key itself

@@ -54,25 +54,34 @@ def array_parameter(lookup: In, rhs: Any, connection: Any) -> tuple[list[Any], s
     list is rendered instead (another backend, one distinct value, an expression).
     Raises ``EmptyResultSet`` when no value is left once ``None`` is dropped, as
     Django's ``IN`` does."""
+    bound = condition_parameters(lookup, rhs, connection)
+    if bound is None or bound[1] == ONE_KEY:
+        return None
+    (array,), cast = bound
+    return array, cast
+
+
+#: :func:`condition_parameters`' form of one distinct key: Django's ``IN (%s)``.
+ONE_KEY = "IN (%s)"
+
+
+def condition_parameters(
+    lookup: In, rhs: Any, connection: Any
+) -> tuple[tuple[Any, ...], str] | None:
+    """The parameters :class:`AnyOf` sends for ``rhs`` (its prepared values) and the form
+    of its SQL: the array and its cast (:func:`array_parameter`), or, for one distinct
+    value besides ``None``, that value as the field prepares it for the database and
+    :data:`ONE_KEY` (Django's ``IN (%s)``); ``None`` where Django renders the condition
+    (another backend, an expression). Raises ``EmptyResultSet`` as Django's ``IN``."""
     values = _distinct_values(lookup, rhs, connection)
-    if values is None or len(values) == 1:
+    if values is None:
         return None
     params = _db_values(lookup, values, connection)
     if params is None:
         return None
-    return params, _integer_array_cast(lookup.lhs.output_field, params, connection)
-
-
-def single_parameter(lookup: In, rhs: Any, connection: Any) -> list[Any] | None:
-    """The parameters of the ``IN (%s)`` that :class:`AnyOf` renders, as Django's ``IN``
-    does, when ``rhs`` (its prepared values) holds one distinct value besides ``None``: a
-    list of that one value as the field prepares it for the database; ``None`` where
-    :func:`array_parameter` applies or Django's own rendering may differ. Raises
-    ``EmptyResultSet`` as :func:`array_parameter` does."""
-    values = _distinct_values(lookup, rhs, connection)
-    if values is None or len(values) != 1:
-        return None
-    return _db_values(lookup, values, connection)
+    if len(params) == 1:
+        return tuple(params), ONE_KEY
+    return (params,), _integer_array_cast(lookup.lhs.output_field, params, connection)
 
 
 def _distinct_values(lookup: In, rhs: Any, connection: Any) -> OrderedSet[Any] | None:

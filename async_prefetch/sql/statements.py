@@ -32,7 +32,7 @@ from django.db import connections
 from django.db.models.sql.compiler import SQLCompiler
 from django.db.models.sql.where import WhereNode
 
-from .any_of import AnyOf, array_parameter, prepared, single_parameter
+from .any_of import AnyOf, condition_parameters, prepared
 from .compiler import CompiledQuery
 
 #: Compile every reused statement again and compare (tests).
@@ -66,11 +66,7 @@ class Statement:
 class _Entry:
     lookup: AnyOf  # on the condition's column, without values: prepares the next ones
     compiler: SQLCompiler  # its query without conditions: row layout only
-    sql_by_cast: dict[str, str]  # by the array's cast, and _ONE_KEY: one key's IN (%s)
-
-
-#: :attr:`_Entry.sql_by_cast`'s key for the SQL of one distinct parent key.
-_ONE_KEY = "IN (%s)"
+    sql_by_cast: dict[str, str]  # by the condition's form: the array's cast, or ONE_KEY
 
 
 class StatementCache:
@@ -97,21 +93,16 @@ class StatementCache:
                 return None
             self._entries.move_to_end(key)
         lookup = entry.lookup
-        connection = connections[str(key[-1])]
         try:
-            values = prepared(lookup, values)
-            array = array_parameter(lookup, values, connection)
-            if array is None:
-                one = single_parameter(lookup, values, connection)
-                sql = entry.sql_by_cast.get(_ONE_KEY) if one is not None else None
-                return None if sql is None else Statement(entry.compiler, sql, tuple(one or ()))
+            bound = condition_parameters(
+                lookup, prepared(lookup, values), connections[str(key[-1])]
+            )
         except Exception:  # e.g. EmptyResultSet, a value the field rejects: Django decides
             return None
-        params, array_cast = array
-        sql = entry.sql_by_cast.get(array_cast)
-        if sql is None:
+        sql = entry.sql_by_cast.get(bound[1]) if bound is not None else None
+        if bound is None or sql is None:
             return None
-        return Statement(entry.compiler, sql, (params,))
+        return Statement(entry.compiler, sql, bound[0])
 
     def keep(self, key: Key, compiled: CompiledQuery) -> None:
         """Keep ``compiled`` (Django's compile of the relation's filtered queryset) under
@@ -123,17 +114,11 @@ class StatementCache:
         condition = where.children[-1] if len(where.children) == 1 else None
         if not isinstance(condition, AnyOf):
             return
-        connection = connections[compiled.alias]
         try:
-            array = array_parameter(condition, condition.rhs, connection)
-            one = single_parameter(condition, condition.rhs, connection) if array is None else None
+            bound = condition_parameters(condition, condition.rhs, connections[compiled.alias])
         except Exception:
             return
-        if array is not None and compiled.params == (array[0],):
-            form = array[1]
-        elif one is not None and compiled.params == tuple(one):
-            form = _ONE_KEY
-        else:
+        if bound is None or compiled.params != bound[0]:
             return
         lookup = AnyOf(condition.lhs, [])  # prepares values as the condition does
         with self._lock:
@@ -147,7 +132,7 @@ class StatementCache:
                 entry = self._entries[key] = _Entry(lookup, layout, {})
                 while len(self._entries) > self._size:
                     self._entries.popitem(last=False)
-            entry.sql_by_cast[form] = compiled.sql
+            entry.sql_by_cast[bound[1]] = compiled.sql
 
 
 #: The process's kept statements.
