@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import CodeType
 from typing import Any
 
@@ -13,6 +13,7 @@ import django
 from django.db.models import Model, QuerySet
 from django.db.models import query as django_query
 from django.db.models.fields import related_descriptors
+from django.db.models.sql.compiler import SQLCompiler
 
 #: Django 6.1 added fetch modes (``QuerySet.fetch_mode()``, ``_state.peers``).
 HAS_FETCH_MODES: bool = hasattr(QuerySet, "fetch_mode")
@@ -59,6 +60,34 @@ def from_db_for(model: type[Model], fetch_mode: Any) -> Callable[..., Model]:
         return obj
 
     return from_db_with_mode
+
+
+def rows_converter(compiler: Any) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    """A function of one batch of raw rows equal to
+    ``compiler.results_iter(results=(batch,))``, which looks the converters up again on
+    every call: here once, when ``results_iter`` is Django's own (the same in every
+    supported line); else that method, per batch."""
+    if type(compiler).results_iter is not SQLCompiler.results_iter:
+        return lambda batch: compiler.results_iter(results=(batch,))
+    fields = [s[0] for s in compiler.select[0 : compiler.col_count]]
+    converters = compiler.get_converters(fields)
+    composite = compiler.has_composite_fields(fields)
+    if not converters and not composite:
+        return _same_rows
+
+    def convert(batch: Iterable[Any]) -> Iterable[Any]:
+        rows = batch
+        if converters:
+            rows = compiler.apply_converters(rows, converters)
+        if composite:
+            rows = compiler.composite_fields_to_tuples(rows, fields)
+        return rows
+
+    return convert
+
+
+def _same_rows(batch: Iterable[Any]) -> Iterable[Any]:
+    return batch
 
 
 def related_populators(klass_info: Any, select: Any, db: str, fetch_mode: Any) -> list[Any]:

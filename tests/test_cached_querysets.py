@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,10 +64,17 @@ def test_derived_for_all_but_the_first_parents(
     check_sync(root, [lookup])
     parents = fresh(root)
     assert len(parents) >= 3
+    cached_querysets.forget_checks()
     manager_calls.clear()
     async_prefetch.prefetch_related_objects(parents, lookup)
     # The first parent's queryset, and the second one's for the check.
     assert manager_calls == parents[:2]
+    # The check holds for that template shape and manager: later calls skip it, unless
+    # the manager filters (its query is cloned per parent, by a function made per call).
+    again = fresh(root)
+    manager_calls.clear()
+    async_prefetch.prefetch_related_objects(again, lookup)
+    assert manager_calls == again[: 2 if lookup == "reviews" else 1]
 
 
 def test_manager_with_prefetches_is_not_derived(
@@ -88,6 +96,7 @@ def test_deferred_key_loads_as_in_django(bookstore: Bookstore, manager_calls: li
     root = Book.objects.order_by("pk").defer("isbn")
     check_sync(root, ["editions"])
     parents = fresh(root)
+    cached_querysets.forget_checks()
     manager_calls.clear()
     async_prefetch.prefetch_related_objects(parents, "editions")
     assert manager_calls == parents[:2]
@@ -102,6 +111,7 @@ def test_mixed_parent_classes(bookstore: Bookstore, manager_calls: list[Model]) 
 
     check_sync(source, ["pages"])
     parents = fresh(source)
+    cached_querysets.forget_checks()
     manager_calls.clear()
     async_prefetch.prefetch_related_objects(parents, "pages")
     assert manager_calls == parents[:3]
@@ -148,6 +158,16 @@ def test_derived_querysets_share_no_state(bookstore: Bookstore) -> None:
     assert "number" in str(first.query)
 
 
+@pytest.fixture
+def forgotten_checks() -> Iterator[None]:
+    """The derivation checks made before the test, and during it, forgotten (a test that
+    makes them fail must not leave its answers to later tests)."""
+    cached_querysets.forget_checks()
+    yield
+    cached_querysets.forget_checks()
+
+
+@pytest.mark.usefixtures("forgotten_checks")
 def test_failed_check_falls_back_to_django(
     bookstore: Bookstore, manager_calls: list[Model], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,6 +177,7 @@ def test_failed_check_falls_back_to_django(
     root = Book.objects.order_by("pk")
     check_sync(root, ["pages"])
     parents = fresh(root)
+    cached_querysets.forget_checks()
     manager_calls.clear()
     async_prefetch.prefetch_related_objects(parents, "pages")
     # The template, the second parent's check, then every parent.
@@ -229,3 +250,29 @@ def test_fallback_in_the_parents_order(bookstore: Bookstore) -> None:
     assert made[2] == ("fallback", 3)
     assert [made[0]._result_cache, made[3]._result_cache] == [1, 4]
     assert made[3]._hints["instance"] is third
+
+
+def test_one_function_per_template_shape(bookstore: Bookstore) -> None:
+    """Templates of one shape share one generated function, which holds no parent;
+    values that compare equal but differ in type (``1``, ``True``) are different shapes."""
+    book, other, third = Book.objects.order_by("pk")[:3]
+    parts = queryset_template.ParentParts(("id",), (("book", -1),), known_field=None)
+    first: Any = _compat.related_manager_queryset(book.pages)
+    second: Any = _compat.related_manager_queryset(other.pages)
+    make = queryset_template.queryset_factory(first, Book, parts)
+    assert make is not None
+    assert queryset_template.queryset_factory(second, Book, parts) is make
+    held = [*make.__globals__.values(), *make.__globals__["_hints"].values()]
+    assert not any(value is book or value is other for value in held)
+
+    first.marker, second.marker = 1, True
+    as_int = queryset_template.queryset_factory(first, Book, parts)
+    as_bool = queryset_template.queryset_factory(second, Book, parts)
+    assert as_int is not None
+    assert as_bool is not None
+    assert as_int is not as_bool
+    (made_int,) = as_int([third], [[]], _unexpected_fallback)
+    (made_bool,) = as_bool([third], [[]], _unexpected_fallback)
+    assert type(made_int.marker) is int
+    assert made_bool.marker is True
+    assert made_int._hints == {"instance": third}

@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 from django.db import connection
-from django.db.models import Model
+from django.db.models import F, Model
 from django.test.utils import CaptureQueriesContext
 
+from async_prefetch import _compat
 from async_prefetch.hydration import rows
 from async_prefetch.relations import base, parents
 from async_prefetch.runtime.memo_level import MemoLevel
 from async_prefetch.sql.compiler import compile_queryset
 from tests.conftest import Bookstore
-from tests.testapp.models import Book, Country, Page
+from tests.testapp.models import Book, Country, Page, Review
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,6 +74,81 @@ def test_batch_builds_what_each_row_builds(
         assert _state(ours) == _state(theirs)
         assert type(ours._state) is type(theirs._state)
         assert ours._state is not theirs._state
+
+
+@pytest.mark.parametrize(
+    "queryset",
+    [
+        pytest.param(
+            lambda: Page.objects.annotate(twice=F("number") * 2).order_by("pk"), id="annotation"
+        ),
+        pytest.param(
+            lambda: Page.objects.extra(select={"_before": "1 + 1"}).order_by("pk"),
+            id="extra-select-first",  # as a many-to-many's source key: fields start later
+        ),
+    ],
+)
+def test_annotated_batch_builds_what_each_row_builds(
+    bookstore: Bookstore, queryset: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled, fetched = _fetched(queryset())
+    assert fetched
+    original = rows.fast_batch_from_db
+    annotated: list[Any] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        made = original(*args, **kwargs)
+        if kwargs.get("annotations"):
+            annotated.append(made)
+        return made
+
+    monkeypatch.setattr(rows, "fast_batch_from_db", recorded)
+    fast = rows.row_builder(compiled)(fetched)
+    assert annotated, "the annotated batch path was not taken"
+    assert annotated[0] is not None
+    monkeypatch.setattr(rows, "fast_batch_from_db", lambda *args, **kwargs: None)
+    slow = rows.row_builder(compiled)(fetched)
+    for ours, theirs in zip(fast, slow, strict=True):
+        assert list(vars(ours)) == list(vars(theirs))  # fields, then the annotation
+        assert {k: v for k, v in vars(ours).items() if k != "_state"} == {
+            k: v for k, v in vars(theirs).items() if k != "_state"
+        }
+    assert len(fast) == len(slow)
+
+
+def test_rows_converted_as_results_iter(
+    bookstore: Bookstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converters looked up once per query convert every batch as ``results_iter`` does;
+    a compiler with its own ``results_iter`` keeps it."""
+    book = Book.objects.order_by("pk")[0]
+    Review.objects.create(book=book, stars=3, data={"a": [1, 2]})
+    Review.objects.create(book=book, stars=4, data={"b": None})
+    compiled, fetched = _fetched(Review.all_objects.order_by("pk"))
+    compiler: Any = compiled.compiler
+    assert compiler.get_converters([s[0] for s in compiler.select])  # JSON: converted
+    looked_up: list[Any] = []
+    get_converters = compiler.get_converters
+
+    def counted(fields: Any) -> Any:
+        looked_up.append(fields)
+        return get_converters(fields)
+
+    monkeypatch.setattr(compiler, "get_converters", counted)
+    convert = _compat.rows_converter(compiler)
+    batches = [fetched[:1], fetched[1:]]
+    got = [list(map(tuple, convert(batch))) for batch in batches]
+    assert len(looked_up) == 1
+    expected = [list(map(tuple, compiler.results_iter(results=(batch,)))) for batch in batches]
+    assert got == expected
+    assert {"a": [1, 2]} in [row[-1] for batch in got for row in batch]
+
+    class OwnResults(type(compiler)):  # type: ignore[misc]
+        def results_iter(self, *args: Any, **kwargs: Any) -> Any:
+            return [("own",)]
+
+    compiler.__class__ = OwnResults
+    assert list(_compat.rows_converter(compiler)(fetched)) == [("own",)]
 
 
 def test_batch_builder_is_generated_where_it_applies() -> None:

@@ -12,16 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import models
 from django.db.models import Prefetch, Q, prefetch_related_objects
 from django.db.models.sql.compiler import SQLCompiler
 
 import async_prefetch
-from async_prefetch.relations import build_relation_query
+from async_prefetch.relations import build_relation_query, parents
 from async_prefetch.sql import statements
 from async_prefetch.sql.compiler import CompiledQuery, compile_queryset
 from tests.cache_snapshot import snapshot
 from tests.factories import seed_bookstore
-from tests.testapp.models import Author, Book, Page
+from tests.testapp.models import Author, Book, BookProfile, Page, Publisher
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -196,3 +197,55 @@ def test_a_compile_of_another_shape_is_not_kept() -> None:
     filtered.queryset.query.add_q(Q(number__gt=1))  # a second condition
     kept.keep(("test", "two conditions", "default"), filtered)
     assert len(kept) == 0
+
+
+def test_forward_relations_keep_their_statements(compiles: list[str]) -> None:
+    """Forward foreign keys (nullable, to another field) and a forward one-to-one keep
+    their statements as to-many relations do; the caches stay Django's."""
+    seed_bookstore(n_books=8)
+    calls: list[tuple[Any, tuple[str, ...]]] = [
+        (Book.objects.order_by("pk"), ("publisher", "authors__location", "taggings__tag")),
+        (BookProfile.objects.order_by("pk"), ("book",)),
+    ]
+    firsts = [async_prefetch.prefetch(root, *lookups) for root, lookups in calls]
+    forward = sorted(str(key[1]) for key in statements.statements._entries if key[0] == "forward")
+    assert forward == [
+        "testapp.Author.location",
+        "testapp.Book.publisher",
+        "testapp.BookProfile.book",
+        "testapp.Tagging.tag",
+    ]
+    for (root, lookups), first in zip(calls, firsts, strict=True):
+        compiles.clear()
+        statements.VERIFY = False
+        try:
+            second = async_prefetch.prefetch(root.filter(pk__gt=0), *lookups)
+        finally:
+            statements.VERIFY = True
+        assert compiles == [root.model.__name__]  # the root only
+        expected = list(root.prefetch_related(*lookups))
+        assert snapshot(second, lookups) == snapshot(expected, lookups)
+        assert snapshot(first, lookups) == snapshot(expected, lookups)
+
+
+def test_forward_statements_need_the_plain_base_manager() -> None:
+    """A ``Prefetch`` queryset, or a base manager or queryset class that makes its own
+    queryset, compiles every call."""
+    seed_bookstore(n_books=4)
+    async_prefetch.prefetch(
+        Book.objects.order_by("pk"), Prefetch("publisher", queryset=Publisher.objects.all())
+    )
+    assert len(statements.statements) == 0
+
+    class Filtering(models.Manager[Any]):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().filter(pk__gt=0)
+
+    class OwnClone(models.QuerySet[Any]):
+        def _clone(self) -> Any:
+            return super()._clone()  # type: ignore[misc]
+
+    own_clone: Any = OwnClone.as_manager().__class__
+    assert parents.plain_manager_class(models.Manager, own=True)
+    assert not parents.plain_manager_class(Filtering, own=True)
+    assert not parents.plain_manager_class(own_clone, own=True)

@@ -9,13 +9,15 @@ prefetch costs (a manager, a router call and a connection look-up per parent).
 template, then makes every parent's from it, substituting the parent where it appears:
 the routing hint, the deferred filter, the known related object and (Django 6.1) the
 fetch mode, with an unfiltered query that is built only when first used
-(:mod:`.unfiltered_query`). The substitution is checked once per level
-against a second parent's queryset built by Django; if anything differs (a custom
-manager, another Django version), every parent goes through Django's own path.
+(:mod:`.unfiltered_query`). The substitution is checked against a second parent's
+queryset built by Django, once per template shape and related manager class in a
+process; if anything differs (a custom manager, another Django version), every parent
+of that shape goes through Django's own path.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from django.db.models import Model, QuerySet
 
 from .. import _compat
 from ..relations import kind_of
+from .queryset_template import QuerysetsFactory
 from .unfiltered_query import UnfilteredQuery
 
 if TYPE_CHECKING:
@@ -69,15 +72,51 @@ def queryset_maker(parents: list[Model], name: str, journal: Journal) -> Queryse
     new_querysets = kind.derive_cached_querysets(descriptor, manager, template, parent_class)
     if new_querysets is None:
         return django_querysets
-    probe: list[Any] = []
-    derived = new_querysets([second], [probe], _no_queryset)[0]
-    if derived is None or not _equivalent(derived, django_queryset(second, probe)):
+    if not _derivation_holds(new_querysets, type(manager), second, django_queryset):
         return django_querysets
 
     def make(parents: list[Model], results: list[Any]) -> list[QuerySet[Any]]:
         return new_querysets(parents, results, django_queryset)
 
     return make
+
+
+#: What the check found for each generated function (a template's shape, see
+#: :func:`~.queryset_template.queryset_factory`) and related manager class.
+_checked: weakref.WeakKeyDictionary[QuerysetsFactory, dict[type, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _derivation_holds(
+    new_querysets: QuerysetsFactory,
+    manager_class: type,
+    parent: Model,
+    django_queryset: Callable[[Model, Any], QuerySet[Any]],
+) -> bool:
+    """Whether ``new_querysets`` makes for ``parent`` what Django's manager makes.
+
+    Checked once per function and manager class: a function is made once per template
+    shape, so later calls with a template of that shape reuse the answer. A parent whose
+    key is ``None`` decides nothing (it takes Django's path anyway): it is checked
+    against nothing and not remembered.
+    """
+    known = _checked.get(new_querysets)
+    if known is not None and manager_class in known:
+        return known[manager_class]
+    probe: list[Any] = []
+    derived = new_querysets([parent], [probe], _no_queryset)[0]
+    if derived is None:
+        return False
+    holds = _equivalent(derived, django_queryset(parent, probe))
+    _checked.setdefault(new_querysets, {})[manager_class] = holds
+    return holds
+
+
+def forget_checks() -> None:
+    """Forget every check :func:`_derivation_holds` made (tests that change what it
+    compares)."""
+    _checked.clear()
 
 
 def _no_queryset(parent: Model, result: Any) -> None:

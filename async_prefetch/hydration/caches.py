@@ -65,6 +65,14 @@ def fill_caches(
         values = [rel_obj_cache.get(parent_key, []) for parent_key in parent_keys]
         _fill_querysets(instances, to_attr, relation.cache_name, values, journal)
         return
+    if relation.single and not (as_attr or relation.is_descriptor):
+        # A to-one relation into the fields cache, as common; keys first for the same reason.
+        parent_keys = key_values(instance_attr, instances)
+        found = [rel_obj_cache.get(parent_key) for parent_key in parent_keys]
+        caches: list[Any] = [obj._state.fields_cache for obj in instances]
+        firsts = [vals[0] if vals else None for vals in found]
+        journal.set_items(instances, caches, relation.cache_name, firsts)
+        return
     for obj in instances:  # a key read, then the writes, per parent as in Django
         _write(
             level, relation, leaf_queryset, obj, rel_obj_cache.get(instance_attr(obj), []), journal

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import keyword
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -22,6 +22,11 @@ from .. import _compat
 from .unfiltered_query import UnfilteredQuery
 
 _ATOMIC = (bool, int, str, type(None))
+
+Scalars = tuple[tuple[str, type, Any], ...]
+"""``(name, type, value)`` of scalar values (the type kept: ``1 == True``)."""
+QueryShape = tuple[type[Model], bool, Scalars]
+"""An unfiltered manager query: ``(model, alias_cols, extra scalar attributes)``."""
 
 Fallback = Callable[[Model, Any], Any]
 """``fallback(parent, result_cache)``: that parent's queryset made another way."""
@@ -60,13 +65,56 @@ def queryset_factory(
     The function is generated for the template, one assignment per attribute in the
     template's order (as ``dataclasses`` generates ``__init__``), inside one loop over
     the parents: a loop of ``setattr`` calls, or a call per parent, costs about twice as
-    much. The code is compiled once per template shape. Only attribute names go into the
-    source, and a name that cannot be assigned there also gives ``None``; values stay in
-    the function's namespace. Attributes are assigned one by one, as
-    ``QuerySet.__init__`` assigns them: assigning ``__dict__`` would materialise a dict
-    object that CPython's compact attribute storage otherwise avoids.
+    much. Only attribute names go into the source, and a name that cannot be assigned
+    there also gives ``None``; values stay in the function's namespace. Attributes are
+    assigned one by one, as ``QuerySet.__init__`` assigns them: assigning ``__dict__``
+    would materialise a dict object that CPython's compact attribute storage otherwise
+    avoids.
+
+    The function depends only on the template's :func:`shape` (its class, attribute
+    names in order, scalar values with their types, the query's) and not on the
+    template object: when the query is an unfiltered manager query, one function is
+    made per shape and returned again for every template of that shape (the same
+    object: callers may key what they learn about it on it). Other queries are cloned
+    from the template's, and such a function is made each time.
     """
-    base = dict(template.__dict__)
+    found = shape(template, parent_class, parts)
+    if found is None:
+        return None
+    if found.query is None:
+        # The query as held (``template.query`` would apply the deferred filter).
+        return _generate(found, template.__dict__["_query"].clone)
+    return _generate_for_shape(found)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything the function :func:`queryset_factory` makes depends on, hashable.
+
+    ``attributes``: per template attribute, in order, ``(name, how, type, value)``:
+    ``how`` is ``"parent"`` (the parent's part), ``"shared"`` (an immutable value every
+    parent shares; with its type, as ``1 == True``) or ``"fresh"`` (an empty container
+    of that type). ``hints``: ``None`` when the routing hints are ``{"instance": ...}``
+    alone, else every hint in order as ``(key, type, value)``, the instance's value
+    ``None``. ``query``: ``(model, alias_cols, extra)`` of an unfiltered manager query,
+    ``extra`` its scalar attributes beyond ``Query(model)``'s, or ``None`` for a query
+    cloned per parent.
+    """
+
+    template_class: type
+    parent_class: type[Model]
+    parts: ParentParts
+    hints: Scalars | None
+    negate: bool
+    attributes: tuple[tuple[str, str, type, Any], ...]
+    query: QueryShape | None
+    fetch_modes: bool
+
+
+def shape(template: QuerySet[Any], parent_class: type[Model], parts: ParentParts) -> Shape | None:
+    """``template``'s :class:`Shape`, or ``None`` when it holds state
+    :func:`queryset_factory` cannot reproduce."""
+    base = template.__dict__
     hints = base.get("_hints")
     deferred = base.get("_deferred_filter")
     if (
@@ -78,12 +126,86 @@ def queryset_factory(
         or not all(map(assignable, parts.reads))
     ):
         return None
+    # The parent's own hint is replaced; its place in the dict is kept.
+    all_hints = _scalars((key, None if key == "instance" else v) for key, v in hints.items())
+    if all_hints is None:
+        return None
+    per_parent = _PER_PARENT if _compat.HAS_FETCH_MODES else _PER_PARENT - {"_fetch_mode"}
+    attributes: list[tuple[str, str, type, Any]] = []
+    for key, value in base.items():
+        if not assignable(key):
+            return None
+        if key in per_parent:
+            attributes.append((key, "parent", type(None), None))
+        elif isinstance(value, (*_ATOMIC, type)) or (isinstance(value, tuple) and not value):
+            attributes.append((key, "shared", type(value), value))
+        elif isinstance(value, (dict, list, set)) and not value:
+            attributes.append((key, "fresh", type(value), None))
+        else:
+            return None  # state shared by every parent that is not known to be immutable
+    return Shape(
+        type(template),
+        parent_class,
+        parts,
+        all_hints if list(hints) != ["instance"] else None,
+        deferred[0],
+        tuple(attributes),
+        _unfiltered_query(base["_query"]),
+        _compat.HAS_FETCH_MODES,
+    )
+
+
+_PER_PARENT = frozenset(
+    {
+        "_hints",
+        "_query",
+        "_deferred_filter",
+        "_known_related_objects",
+        "_result_cache",
+        "_prefetch_done",
+        "_fetch_mode",
+    }
+)
+
+
+def _scalars(items: Iterable[tuple[str, Any]]) -> Scalars | None:
+    """``items`` as ``(key, type, value)``, or ``None`` unless every value is a scalar."""
+    found = tuple((key, type(value), value) for key, value in items)
+    if not all(isinstance(value, _ATOMIC) for _, _, value in found):
+        return None
+    return found
+
+
+def _unfiltered_query(query: Any) -> QueryShape | None:
+    """``(model, alias_cols, extra)`` when ``query`` equals ``Query(model, alias_cols)``
+    plus ``extra``, scalar attributes that can be assigned (the default manager's query);
+    else ``None``."""
+    model = query.model
+    plain = vars(Query(model, alias_cols=query.alias_cols))
+    own = vars(query)
+    if not (own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items())):
+        return None
+    extra = _scalars((key, value) for key, value in own.items() if key not in plain)
+    if extra is None or not all(assignable(key) for key, _, _ in extra):
+        return None
+    return model, query.alias_cols, extra
+
+
+@functools.lru_cache(maxsize=256)
+def _generate_for_shape(found: Shape) -> QuerysetsFactory:
+    return _generate(found, None)
+
+
+def _generate(found: Shape, clone_query: Callable[[], Query] | None) -> QuerysetsFactory:
+    """The function for ``found``: one loop over the parents, a line per attribute;
+    ``clone_query`` makes each parent's query unless ``found.query`` says how."""
+    parts = found.parts
     namespace: dict[str, Any] = {
         "_new": object.__new__,
-        "_class": type(template),
-        "_parent_class": parent_class,
-        "_hints": hints,
-        "_negate": deferred[0],
+        "_class": found.template_class,
+        "_parent_class": found.parent_class,
+        "_hints": {key: value for key, _, value in found.hints or ()},
+        "_negate": found.negate,
         "_known_field": parts.known_field,
     }
     filters = []
@@ -94,7 +216,7 @@ def queryset_factory(
     # What each attribute gets: the parent's part, a fresh container or the shared value.
     per_parent = {
         "_hints": "{'instance': parent}"
-        if list(hints) == ["instance"]
+        if found.hints is None
         else "{**_hints, 'instance': parent}",
         "_query": "query",
         "_deferred_filter": f"(_negate, (), {{{', '.join(filters)}}})",
@@ -102,26 +224,24 @@ def queryset_factory(
         "_result_cache": "result",
         "_prefetch_done": "True",
     }
-    query_lines = _unfiltered_query_lines(base["_query"], namespace)
-    if query_lines is None:  # a clone of the template's query per parent
-        namespace["_clone_query"] = base["_query"].clone
-        query_lines = ["query = _clone_query()"]
-    if _compat.HAS_FETCH_MODES:
+    if found.fetch_modes:
         per_parent["_fetch_mode"] = "parent._state.fetch_mode"
+    if found.query is None:
+        assert clone_query is not None
+        namespace["_clone_query"] = clone_query
+        query_lines = ["query = _clone_query()"]
+    else:
+        query_lines = _query_lines(found.query, namespace)
     lines = []
-    for index, (key, value) in enumerate(base.items()):
-        if not assignable(key):
-            return None
-        if key in per_parent:
+    for index, (key, how, kind, value) in enumerate(found.attributes):
+        if how == "parent":
             expression = per_parent[key]
-        elif isinstance(value, (*_ATOMIC, type)) or (isinstance(value, tuple) and not value):
-            namespace[f"_shared_{index}"] = value  # immutable: shared by every parent
-            expression = f"_shared_{index}"
-        elif isinstance(value, (dict, list, set)) and not value:
-            namespace[f"_fresh_{index}"] = type(value)
+        elif how == "fresh":
+            namespace[f"_fresh_{index}"] = kind
             expression = f"_fresh_{index}()"
         else:
-            return None  # state shared by every parent that is not known to be immutable
+            namespace[f"_shared_{index}"] = value
+            expression = f"_shared_{index}"
         lines.append(f"queryset.{key} = {expression}")
     reads = []
     for index, attname in enumerate(parts.reads):
@@ -165,32 +285,21 @@ def compiled_source(source: str, filename: str = "<async_prefetch.cached_queryse
     return compile(source, filename, "exec")
 
 
-def _unfiltered_query_lines(template: Any, namespace: dict[str, Any]) -> list[str] | None:
-    """Source lines making ``query``, a query equal to ``template`` (an unfiltered manager
-    query), with the values they use put in ``namespace``; ``None`` when that is not exact.
-
-    The query is an :class:`UnfilteredQuery` (no containers until used) holding the model,
-    ``alias_cols`` and ``template``'s other attributes, assigned as its ``__init__`` and
-    then :meth:`UnfilteredQuery.materialise` would: possible when ``Query(model)`` plus
-    those equals ``template`` (the default manager) and they are scalars.
-    """
-    model = template.model
-    plain = vars(Query(model, alias_cols=template.alias_cols))
-    own = vars(template)
-    if not (own.keys() >= plain.keys() and all(own[key] == value for key, value in plain.items())):
-        return None
-    extra = [(key, value) for key, value in own.items() if key not in plain]
-    if not all(isinstance(value, _ATOMIC) and assignable(key) for key, value in extra):
-        return None
+def _query_lines(query: QueryShape, namespace: dict[str, Any]) -> list[str]:
+    """Source lines making ``query``, an :class:`UnfilteredQuery` (no containers until
+    used) holding the model, ``alias_cols`` and the extra attributes, assigned as its
+    ``__init__`` and then :meth:`UnfilteredQuery.materialise` would; the values they use
+    put in ``namespace``."""
+    model, alias_cols, extra = query
     namespace["_unfiltered"] = UnfilteredQuery
     namespace["_query_model"] = model
-    namespace["_alias_cols"] = template.alias_cols
+    namespace["_alias_cols"] = alias_cols
     lines = [
         "query = _new(_unfiltered)",
         "query.model = _query_model",
         "query.alias_cols = _alias_cols",
     ]
-    for index, (key, value) in enumerate(extra):
+    for index, (key, _, value) in enumerate(extra):
         namespace[f"_query_{index}"] = value
         lines.append(f"query.{key} = _query_{index}")
     return lines

@@ -86,33 +86,42 @@ def row_builder(
 
     plain = not (track_peers or populators or annotation_col_map or known_related)
     whole_row = start == 0 and end == len(select) and col_count is None
-    build_many = None
+    build_many = annotated = None
     if plain and path:
         if link is not None:
             build_many = fast_batch_from_db(path, init_list, link)
             link.applied = build_many is not None
         if build_many is None:
             build_many = fast_batch_from_db(path, init_list)
+    elif path and annotation_col_map and not (track_peers or populators or known_related):
+        # Fields, then annotations (a many-to-many's source key among them): one loop.
+        annotated = fast_batch_from_db(
+            path, init_list, annotations=list(annotation_col_map.items()), fields=(start, end)
+        )
+
+    convert = _compat.rows_converter(compiler)
 
     def build(rows: Rows) -> list[Model]:
-        batch: Any = rows  # results_iter() takes any iterable of rows per batch
+        batch: Any = rows
         if col_count is not None:  # trim ordering-only columns, a row at a time as Django
             batch = (row[:col_count] for row in rows)
         if plain:  # nothing but the model's own fields
-            rows_out = compiler.results_iter(results=(batch,))
+            rows_out = convert(batch)
             if build_many is not None:
                 own = rows_out if whole_row else (row[start:end] for row in rows_out)
                 return build_many(db, own)
             if whole_row:
                 return [from_db(db, init_list, row) for row in rows_out]
             return [from_db(db, init_list, row[start:end]) for row in rows_out]
+        if annotated is not None:
+            return annotated(db, convert(batch))
         nonlocal peers
         if peers_per_batch and track_peers:
             peers = new_peers()
         instances: list[Model] = []
         peers_before = len(peers)
         try:
-            for row in compiler.results_iter(results=(batch,)):
+            for row in convert(batch):
                 obj = from_db(db, init_list, row[start:end])
                 if track_peers:
                     peers.append(weak_ref(obj))
@@ -224,21 +233,33 @@ def fast_from_db(path: FastPath) -> Callable[[str, list[str], Sequence[Any]], Mo
 
 
 def fast_batch_from_db(
-    path: FastPath, init_list: list[str], link: RowLink | None = None
+    path: FastPath,
+    init_list: list[str],
+    link: RowLink | None = None,
+    annotations: Sequence[tuple[str, int]] = (),
+    fields: tuple[int, int] | None = None,
 ) -> Callable[[str, Iterable[Sequence[Any]]], list[Model]] | None:
     """``[fast_from_db(path)(db, init_list, row) for row in rows]`` as one generated loop
-    (no call per row); ``None`` for no fields, or a field name it cannot assign.
+    (no call per row); ``None`` for no fields, or a name it cannot assign.
 
     Same instances, attributes assigned in the same order: ``_state`` first, then the
     loaded fields (see :attr:`FastPath.fills_dict`). With ``link``, each instance's state
     then gets its fields cache holding its parent (:class:`RowLink`; a key with no parent
     raises ``KeyError``, as Django's builder), or ``None`` when the rows do not hold its
     ``attname`` (a foreign key's column, so a model whose fields fill ``__dict__``).
+
+    With ``fields``, ``(start, end)``, each row is a whole ``SELECT`` row and the fields
+    are ``row[start:end]``; ``annotations``, ``(name, position)`` pairs, are then set on
+    the instance from the row as ``ModelIterable`` sets them (``setattr``, in order).
     """
     if not init_list or (
-        link is not None and (not path.fills_dict or link.attname not in init_list)
+        link is not None
+        and (not path.fills_dict or link.attname not in init_list or fields is not None)
     ):
         return None
+    if not all(assignable(name) for name, _ in annotations):
+        return None
+    own = "row" if fields is None else f"row[{fields[0]}:{fields[1]}]"
     namespace: dict[str, Any] = {
         "_new": object.__new__,
         "_model": path.model,
@@ -249,12 +270,13 @@ def fast_batch_from_db(
         for index, name in enumerate(init_list):
             namespace[f"_name_{index}"] = name
         targets = ", ".join(f"attrs[_name_{index}]" for index in range(len(init_list)))
-        fields = ["attrs = obj.__dict__", "attrs['_state'] = state", f"{targets}, = row"]
+        assign = ["attrs = obj.__dict__", "attrs['_state'] = state", f"{targets}, = {own}"]
     elif all(map(assignable, init_list)):
         targets = ", ".join(f"obj.{name}" for name in init_list)
-        fields = ["obj._state = state", f"{targets}, = row"]
+        assign = ["obj._state = state", f"{targets}, = {own}"]
     else:
         return None
+    assign += [f"obj.{name} = row[{position}]" for name, position in annotations]
     linking = []
     if link is not None:
         namespace["_cache_name"], namespace["_parents"] = link.cache_name, link.parents
@@ -266,7 +288,7 @@ def fast_batch_from_db(
         "state.adding = False",
         "state.db = db",
         *(["state.fetch_mode = _fetch_mode"] if path.fetch_mode is not None else []),
-        *fields,
+        *assign,
         *linking,
         "append(obj)",
     ]

@@ -53,8 +53,10 @@ class RelationKind:
     reuses_statements: bool = False
 
 
-def _forward_builder(descriptor: Any, prefetcher: Any, parents: Any, querysets: Any) -> Any:
-    return forward.build(descriptor, parents, querysets)
+def _forward_builder(
+    descriptor: Any, prefetcher: Any, parents: Any, querysets: Any, **options: Any
+) -> Any:
+    return forward.build(descriptor, parents, querysets, **options)
 
 
 def _reverse_one_to_one_builder(descriptor: Any, prefetcher: Any, parents: Any, qs: Any) -> Any:
@@ -70,7 +72,9 @@ def _manager_builder(build: Callable[..., RelationQuery]) -> Builder:
     return build_with_manager
 
 
-_FORWARD = RelationKind("forward", _forward_builder, lambda d: d.field.remote_field.model)
+_FORWARD = RelationKind(
+    "forward", _forward_builder, lambda d: d.field.remote_field.model, reuses_statements=True
+)
 _KINDS: dict[type[Any], RelationKind] = {
     ForwardManyToOneDescriptor: _FORWARD,
     ForwardOneToOneDescriptor: _FORWARD,

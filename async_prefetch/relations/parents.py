@@ -107,25 +107,34 @@ def plain_default_queryset(manager: Any) -> bool:
     Django's unfiltered one: neither the manager nor its queryset class overrides how
     it is made."""
     manager_class: Any = type(manager)
-    return _plain_manager_class(manager_class)
+    return plain_manager_class(manager_class)
 
 
 _QUERYSET_MAKING = ("__init__", "_add_hints", "using", "_chain", "_clone", "db")
 
 
 @functools.cache
-def _plain_manager_class(related_manager_class: Any) -> bool:
+def plain_manager_class(manager_class: Any, own: bool = False) -> bool:
+    """Whether ``manager_class`` makes Django's unfiltered queryset: ``get_queryset()``
+    is ``BaseManager``'s (``own``: ``manager_class`` is the manager itself, whose
+    ``all()`` and ``db_manager()`` are used too; else a related manager class, whose
+    own ``get_queryset()`` is skipped) and its queryset class makes querysets as
+    ``QuerySet`` does."""
+    classes = manager_class.__mro__ if own else manager_class.__mro__[1:]
     get_queryset = next(
-        (
-            klass.__dict__["get_queryset"]
-            for klass in related_manager_class.__mro__[1:]
-            if "get_queryset" in klass.__dict__
-        ),
+        (klass.__dict__["get_queryset"] for klass in classes if "get_queryset" in klass.__dict__),
         None,
     )
-    queryset_class = getattr(related_manager_class, "_queryset_class", None)
+    queryset_class = getattr(manager_class, "_queryset_class", None)
     return (
         get_queryset is BaseManager.get_queryset
+        and (
+            not own
+            or (
+                manager_class.all is BaseManager.all
+                and manager_class.db_manager is BaseManager.db_manager
+            )
+        )
         and isinstance(queryset_class, type)
         and issubclass(queryset_class, QuerySet)
         and all(

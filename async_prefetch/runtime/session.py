@@ -23,6 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 from psycopg import sql as pg_sql
 
+from .. import _compat
 from ..access.modes import PrefetchMode
 from ..config import EngineConfig, load_config
 from ..execution import Executor, Rows, executor_for, new_limiter
@@ -211,12 +212,11 @@ class Session:
         Django's converters as ``ValuesListIterable`` converts them."""
         if compiled.sql is None:
             return []
-        compiler = compiled.compiler
+        convert = _compat.rows_converter(compiled.compiler)
         rows: list[tuple[Any, ...]] = []
 
         async def consume(batch: Rows) -> None:
-            results: Any = (batch,)  # results_iter() takes any iterable of row batches
-            rows.extend(map(tuple, compiler.results_iter(results=results)))
+            rows.extend(map(tuple, convert(batch)))
 
         await self.executor(compiled.alias).fetch(compiled, consume)
         return rows
