@@ -46,6 +46,25 @@ def test_peers_quick_every_side_reads_djangos_rows(tmp_path: Path) -> None:
     assert "FAILURES" not in markdown
 
 
+def test_profile_times_each_sides_fetch_and_read_apart(tmp_path: Path) -> None:
+    """``--profile``: Django's, the engine's and Tortoise's fetch and read, each timed."""
+    run_module(
+        "async_prefetch.devtools.bench.peers",
+        *("--quick", "--rtts", "0", "--runs", "2", "--out", str(tmp_path)),
+        *("--profile", "chain"),
+    )
+    summary = (tmp_path / "peers-profile-chain.md").read_text()
+    rows = {
+        cells[0]: [float(cell) for cell in cells[1:]]
+        for line in summary.splitlines()
+        if line.startswith("| ")
+        and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 4
+        and cells[1][:1].isdigit()
+    }
+    assert set(rows) == {"django_sync", "engine", "tortoise_asyncpg"}
+    assert all(fetch > 0 and read > 0 for fetch, read, _ in rows.values())
+
+
 def test_load_quick_counts_calls_of_every_side(tmp_path: Path) -> None:
     run_module(
         "async_prefetch.devtools.bench.load",

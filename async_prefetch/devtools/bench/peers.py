@@ -374,29 +374,31 @@ async def close_peers(peers: dict[str, Peers]) -> None:
 
 async def tortoise_side(workload: Workload, n: int, db: Any) -> Timed:
     """Tortoise ORM's ``prefetch_related`` on client ``db`` and the read."""
+    started = time.perf_counter()
+    objects = await tortoise_fetch(workload, n, db)
+    shape = (read_chain_peer if _is_chain(workload) else read_fanout_peer)(objects)
+    _retain(objects)
+    return time.perf_counter() - started, shape
+
+
+async def tortoise_fetch(workload: Workload, n: int, db: Any) -> list[Any]:
+    """Tortoise ORM's ``prefetch_related`` of ``workload`` on client ``db`` (not read)."""
     from async_prefetch.devtools.bench.peer_models import TBook, TParent
 
-    started = time.perf_counter()
     if _is_chain(workload):
-        books = (
+        return list(
             await TBook.all()
             .using_db(db)
             .order_by("id")
             .limit(n)
             .prefetch_related("authors__location", "pages")
         )
-        shape = read_chain_peer(books)
-        _retain(books)
-    else:
-        parents = (
-            await TParent.filter(batch="fanout", seq__lt=n)
-            .using_db(db)
-            .order_by("seq")
-            .prefetch_related(*CHILD_NAMES)
-        )
-        shape = read_fanout_peer(parents)
-        _retain(parents)
-    return time.perf_counter() - started, shape
+    return list(
+        await TParent.filter(batch="fanout", seq__lt=n)
+        .using_db(db)
+        .order_by("seq")
+        .prefetch_related(*CHILD_NAMES)
+    )
 
 
 async def sqla_selectin(workload: Workload, n: int, sessions: Any) -> Timed:
@@ -803,26 +805,39 @@ def objects_left(call: Callable[[], Timed]) -> collections.Counter[str]:
 
 
 def split_timings(
-    workload: Workload, alias: str, runs: int, runner: asyncio.Runner
+    workload: Workload,
+    alias: str,
+    runs: int,
+    runner: asyncio.Runner,
+    tortoise: Any = None,
 ) -> dict[str, tuple[list[float], list[tuple[float, float]]]]:
     """Django's and the engine's fetch (ms) and read (ms, and the collector's ms inside it)
-    timed apart, alternating, ``runs`` each."""
+    timed apart, alternating, ``runs`` each; with ``tortoise`` (a Tortoise client), Tortoise's
+    too (its ``prefetch_related``, then the read of its objects)."""
     from async_prefetch import aprefetch
 
-    read = read_chain_django if _is_chain(workload) else read_fanout_django
+    chain = _is_chain(workload)
+    read_django = read_chain_django if chain else read_fanout_django
+    read_peer = read_chain_peer if chain else read_fanout_peer
 
     async def engine_fetch() -> list[Any]:
         return await aprefetch(workload.root(alias), *workload.lookups())
 
-    fetchers: dict[str, Callable[[], list[Any]]] = {
-        "django_sync": lambda: list(workload.queryset(alias)),
-        "engine": lambda: runner.run(engine_fetch()),
+    fetchers: dict[str, tuple[Callable[[], Any], Callable[[Any], Shape]]] = {
+        "django_sync": (lambda: list(workload.queryset(alias)), read_django),
+        "engine": (lambda: runner.run(engine_fetch()), read_django),
     }
+    if tortoise is not None:
+        n = len(workload.root(alias).values_list("pk", flat=True))
+        fetchers["tortoise_asyncpg"] = (
+            lambda: runner.run(tortoise_fetch(workload, n, tortoise)),
+            read_peer,
+        )
     out: dict[str, tuple[list[float], list[tuple[float, float]]]] = {
         side: ([], []) for side in fetchers
     }
     for _ in range(runs):
-        for side, fetch in fetchers.items():
+        for side, (fetch, read) in fetchers.items():
             gc.collect()
             started = time.perf_counter()
             objects = fetch()
@@ -880,12 +895,22 @@ def profile_engine(
             f"{statistics.median(collected):.1f} ms; with the collector off "
             f"{statistics.median(no_gc):.1f} ms.",
             "",
-            "Fetch and read apart (medians, collector on, collected before each run):",
+            "Fetch and read apart (medians, collector on, collected before each run; the"
+            " read is the same code for Django and the engine, over Django's objects):",
             "",
             "| side | fetch ms | read ms | read's collector ms |",
             "| --- | ---: | ---: | ---: |",
         ]
-        for side, (fetch, read) in split_timings(workload, alias, runs, runner).items():
+        tortoise = None
+        if "tortoise_asyncpg" in sides:
+            peers = runner.run(open_peers(server, {alias: proxies[alias]}, ["tortoise_asyncpg"]))
+            tortoise = peers[alias].tortoise.get("asyncpg")
+        try:
+            split = split_timings(workload, alias, runs, runner, tortoise)
+        finally:
+            if tortoise is not None:
+                runner.run(close_peers(peers))
+        for side, (fetch, read) in split.items():
             lines.append(
                 f"| {side} | {statistics.median(fetch):.1f} | "
                 f"{statistics.median(r for r, _ in read):.1f} | "
