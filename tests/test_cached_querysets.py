@@ -3,7 +3,8 @@
 The engine builds the first parent's cached queryset with Django's related manager as a
 template and derives every parent's from it. These tests prove that the derivation is
 actually used where it applies (Django's manager path runs only for the template and for
-the check on the second parent), that it is not used where it cannot be exact, and that
+the check on the second parent, which a plain default manager's related manager passes
+once per template shape in a process), that it is not used where it cannot be exact, and that
 derived querysets behave as Django's do when used afterwards: filtered, pickled,
 deep-copied, independent of each other.
 """
@@ -21,6 +22,7 @@ from django.db.models import Model, Q, QuerySet, prefetch_related_objects
 import async_prefetch
 from async_prefetch import _compat
 from async_prefetch.hydration import cached_querysets, queryset_template
+from async_prefetch.runtime.journal import Journal
 from tests.cache_snapshot import assert_same_prefetch
 from tests.conftest import Bookstore
 from tests.differential import check_sync, fresh
@@ -276,3 +278,42 @@ def test_one_function_per_template_shape(bookstore: Bookstore) -> None:
     assert type(made_int.marker) is int
     assert made_bool.marker is True
     assert made_int._hints == {"instance": third}
+
+    class Unhashable(str):  # a scalar whose class defines __eq__ only: no __hash__
+        def __eq__(self, other: object) -> bool:
+            return str.__eq__(self, other)
+
+    first.marker = Unhashable("x")
+    unkept = queryset_template.queryset_factory(first, Book, parts)
+    assert unkept is not None  # made for this template alone
+    (made,) = unkept([third], [[]], _unexpected_fallback)
+    assert made.marker is first.marker
+
+
+@pytest.mark.usefixtures("forgotten_checks")
+def test_a_manager_taking_more_from_the_parent_is_checked_every_call(
+    bookstore: Bookstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A related manager of the project's own whose queryset takes a routing hint from the
+    parent: the check that lets the parents' querysets be derived runs on every call, so
+    a call whose first two parents agree does not decide for a later call's."""
+    plain_class = Book.pages.related_manager_cls
+
+    class TitleHinted(plain_class):  # type: ignore[misc, valid-type]
+        def get_queryset(self) -> Any:
+            queryset = super().get_queryset()
+            queryset._add_hints(title=self.instance.title)
+            return queryset
+
+    monkeypatch.setitem(Book.pages.__dict__, "related_manager_cls", TitleHinted)
+    books: list[Any] = list(Book.objects.order_by("pk"))
+    first_again = Book.objects.get(pk=books[0].pk)
+    # The first parent's title twice; then that title first again, and two others.
+    calls = [[books[0], first_again], [Book.objects.get(pk=books[0].pk), *books[1:3]]]
+    for parents in calls:
+        made: list[Any] = cached_querysets.queryset_maker(parents, "pages", Journal())(
+            parents, [[] for _ in parents]
+        )
+        assert [queryset._hints for queryset in made] == [
+            parent.pages.get_queryset()._hints for parent in parents
+        ]

@@ -10,9 +10,10 @@ template, then makes every parent's from it, substituting the parent where it ap
 the routing hint, the deferred filter, the known related object and (Django 6.1) the
 fetch mode, with an unfiltered query that is built only when first used
 (:mod:`.unfiltered_query`). The substitution is checked against a second parent's
-queryset built by Django, once per template shape and related manager class in a
-process; if anything differs (a custom manager, another Django version), every parent
-of that shape goes through Django's own path.
+queryset built by Django: for a plain default manager's related manager once per
+template shape and manager class in a process, for any other manager on every call. If
+anything differs (a custom manager, another Django version), every parent goes through
+Django's own path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from django.db.models import Model, QuerySet
 
 from .. import _compat
 from ..relations import kind_of
+from ..relations.parents import plain_manager_class
 from .queryset_template import QuerysetsFactory
 from .unfiltered_query import UnfilteredQuery
 
@@ -82,7 +84,8 @@ def queryset_maker(parents: list[Model], name: str, journal: Journal) -> Queryse
 
 
 #: What the check found for each generated function (a template's shape, see
-#: :func:`~.queryset_template.queryset_factory`) and related manager class.
+#: :func:`~.queryset_template.queryset_factory`) and related manager class, for the
+#: related managers of plain default managers only.
 _checked: weakref.WeakKeyDictionary[QuerysetsFactory, dict[type, bool]] = (
     weakref.WeakKeyDictionary()
 )
@@ -94,14 +97,18 @@ def _derivation_holds(
     parent: Model,
     django_queryset: Callable[[Model, Any], QuerySet[Any]],
 ) -> bool:
-    """Whether ``new_querysets`` makes for ``parent`` what Django's manager makes.
+    """Whether ``new_querysets`` makes for ``parent`` what Django's manager makes; when it
+    does not, or ``parent``'s key is ``None``, every parent takes Django's path.
 
-    Checked once per function and manager class: a function is made once per template
-    shape, so later calls with a template of that shape reuse the answer. A parent whose
-    key is ``None`` decides nothing (it takes Django's path anyway): it is checked
-    against nothing and not remembered.
+    For the related manager of a plain default manager (its ``get_queryset()`` and
+    queryset class Django's: :func:`~..relations.parents.plain_manager_class`), whose
+    queryset takes nothing from the parent but what ``new_querysets`` substitutes, the
+    answer holds for every parent and is kept for the function (made once per template
+    shape) and that manager class. Any other manager may take more from the parent (a
+    routing hint, a database): it is checked on every call.
     """
-    known = _checked.get(new_querysets)
+    plain = plain_manager_class(manager_class)
+    known = _checked.get(new_querysets) if plain else None
     if known is not None and manager_class in known:
         return known[manager_class]
     probe: list[Any] = []
@@ -109,7 +116,8 @@ def _derivation_holds(
     if derived is None:
         return False
     holds = _equivalent(derived, django_queryset(parent, probe))
-    _checked.setdefault(new_querysets, {})[manager_class] = holds
+    if plain:
+        _checked.setdefault(new_querysets, {})[manager_class] = holds
     return holds
 
 

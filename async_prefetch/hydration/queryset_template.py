@@ -76,7 +76,8 @@ def queryset_factory(
     template object: when the query is an unfiltered manager query, one function is
     made per shape and returned again for every template of that shape (the same
     object: callers may key what they learn about it on it). Other queries are cloned
-    from the template's, and such a function is made each time.
+    from the template's, and such a function is made each time, as for a template
+    holding a scalar that does not hash.
     """
     found = shape(template, parent_class, parts)
     if found is None:
@@ -84,6 +85,10 @@ def queryset_factory(
     if found.query is None:
         # The query as held (``template.query`` would apply the deferred filter).
         return _generate(found, template.__dict__["_query"].clone)
+    try:
+        hash(found)
+    except TypeError:  # a scalar of a class that does not hash: made for this call only
+        return _generate(found, None)
     return _generate_for_shape(found)
 
 
