@@ -113,9 +113,9 @@ def _kept_statement(
     if not values or not plain_values(values):
         return None, None
     key = ("forward", fk, queryset.model, queryset.db)
-    statement = kept.statements.find(key, values)
-    if statement is not None and kept.VERIFY:
-        kept.verify(statement, compile_queryset(_filtered(queryset._chain(), column, values)))
+    statement = kept.statements.find(
+        key, values, lambda: compile_queryset(_filtered(queryset._chain(), column, values))
+    )
     return key, statement
 
 

@@ -94,10 +94,13 @@ def kept_statement(
     if not values or not plain_values(values):
         return None, None
     key = (kind, field, queryset.model, path, queryset.db)
-    statement = kept.statements.find(key, values)
-    if statement is not None and kept.VERIFY:
-        django = finish(filter_by_parents(queryset._chain(), path, targets, instances))
-        kept.verify(statement, compile_queryset(django))
+    statement = kept.statements.find(
+        key,
+        values,
+        lambda: compile_queryset(
+            finish(filter_by_parents(queryset._chain(), path, targets, instances))
+        ),
+    )
     return key, statement
 
 

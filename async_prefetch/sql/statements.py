@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,9 +84,19 @@ class StatementCache:
         with self._lock:
             self._entries.clear()
 
-    def find(self, key: Key, values: list[Any]) -> Statement | None:
+    def find(
+        self, key: Key, values: list[Any], django: Callable[[], CompiledQuery] | None = None
+    ) -> Statement | None:
         """The kept statement for ``key`` bound to the parents' key ``values``, or
-        ``None`` (not kept yet, or these values need other SQL: Django's compiler)."""
+        ``None`` (not kept yet, or these values need other SQL: Django's compiler).
+        ``django()`` compiles the same query with Django: with :data:`VERIFY`, a found
+        statement is compared with it (:func:`verify`)."""
+        statement = self._find(key, values)
+        if statement is not None and VERIFY and django is not None:
+            verify(statement, django())
+        return statement
+
+    def _find(self, key: Key, values: list[Any]) -> Statement | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
